@@ -1,0 +1,372 @@
+//! Configuration from environment variables, with the names Flagsmith's own image uses.
+//!
+//! Everything is read and checked once at start-up; a bad value stops the server with a message
+//! that names the variable, so that a typo never turns into a silently different default.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// Every variable the server reads: name, default, meaning. `--help` prints this table.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    ("SSE_AUTHENTICATION_TOKEN", "required", "shared secret for queue-change (Authorization: Token <it>)"),
+    ("PORT", "8000", "TCP port to listen on"),
+    ("BIND_ADDRESS", "0.0.0.0", "address to listen on (IPv4 or IPv6)"),
+    ("REDIS_URL", "unset", "redis:// or rediss:// URL; overrides the REDIS_* parts"),
+    ("REDIS_HOST", "unset", "Redis host; with neither this nor REDIS_URL the embedded store is used"),
+    ("REDIS_PORT", "6379", "Redis port"),
+    ("REDIS_USERNAME", "none", "Redis ACL user name"),
+    ("REDIS_PASSWORD", "none", "Redis password"),
+    ("REDIS_DB", "0", "Redis database number"),
+    ("REDIS_USE_SSL", "false", "connect to Redis over TLS"),
+    ("REDIS_CHANGELOG_MAXLEN", "10000", "approximate length the Redis change log is trimmed to"),
+    ("CACHE_UPDATE_INTERVAL_SECONDS", "1", "seconds between fetches from the store (fractions allowed)"),
+    ("STREAM_DELAY", "1", "coalescing window per environment in seconds; 0 turns it off"),
+    ("MAX_STREAM_AGE", "30", "seconds before a stream is ended for rebalancing (+-10% jitter); negative: never"),
+    ("KEEPALIVE_SECONDS", "15", "idle seconds before a ': ping' comment; also the stalled-reader limit"),
+    ("MAX_CONNECTIONS", "open-file limit - 64", "open client connections allowed; the next one gets 503"),
+    ("REQUEST_TIMEOUT_SECONDS", "10", "seconds allowed to send a complete request (408 after)"),
+    ("SHUTDOWN_GRACE_SECONDS", "5", "window over which open streams are ended on SIGTERM"),
+    ("REUSE_PORT", "false", "set SO_REUSEPORT, to run one process per core on one port"),
+    ("LOG_LEVEL", "info", "error, warn, info, debug or trace"),
+];
+
+/// Where the store lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In this process only: one instance, nothing shared.
+    Embedded,
+    /// A Redis server, by URL (credentials included, so never print it: see [`redact_url`]).
+    Redis {
+        /// `redis://` or `rediss://` URL.
+        url: String,
+        /// Approximate number of entries kept in the change log.
+        changelog_maxlen: u64,
+    },
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreConfig::Embedded => f.write_str("embedded"),
+            StoreConfig::Redis { url, changelog_maxlen } => {
+                write!(f, "redis {} (change log ~{changelog_maxlen})", redact_url(url))
+            }
+        }
+    }
+}
+
+/// The server's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Shared secret for queue-change.
+    pub token: Token,
+    /// Listening address.
+    pub bind: SocketAddr,
+    /// Which store to use.
+    pub store: StoreConfig,
+    /// Time between fetches from the store.
+    pub cache_update_interval: Duration,
+    /// Coalescing window per environment; zero turns coalescing off.
+    pub stream_delay: Duration,
+    /// Age after which a stream is ended; `None`: never.
+    pub max_stream_age: Option<Duration>,
+    /// Idle time before a keep-alive comment; also how long a reader may stall.
+    pub keepalive: Duration,
+    /// Client connections allowed; `None`: derived from the open-file limit.
+    pub max_connections: Option<usize>,
+    /// Time allowed to send a complete request.
+    pub request_timeout: Duration,
+    /// Window over which streams are ended at shutdown.
+    pub shutdown_grace: Duration,
+    /// Whether to set SO_REUSEPORT on the listener.
+    pub reuse_port: bool,
+    /// Log verbosity.
+    pub log_level: log::LevelFilter,
+}
+
+/// The authentication token; its `Debug` form is redacted so that it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// A variable that is missing or malformed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The variable's name.
+    pub var: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.var, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { var, problem: problem.into() }
+}
+
+/// Reads variables through `get`, treating empty values as unset.
+struct Vars<F>(F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<F> {
+    fn get(&self, var: &str) -> Option<String> {
+        (self.0)(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(&self, var: &'static str, default: T, what: &str) -> Result<T, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| bad(var, format!("{v:?} is not {what}"))),
+        }
+    }
+
+    fn seconds(&self, var: &'static str, default: f64, allow_zero: bool) -> Result<Duration, ConfigError> {
+        let secs: f64 = self.parse(var, default, "a number of seconds")?;
+        if !secs.is_finite() || secs < 0.0 || (secs == 0.0 && !allow_zero) || secs > 1e9 {
+            let range = if allow_zero { "zero or more" } else { "more than zero" };
+            return Err(bad(var, format!("{secs} seconds is out of range: give {range}")));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    fn flag(&self, var: &'static str) -> Result<bool, ConfigError> {
+        match self.get(var).map(|v| v.to_ascii_lowercase()).as_deref() {
+            None | Some("false" | "0" | "no" | "off") => Ok(false),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some(v) => Err(bad(var, format!("{v:?} is not true or false"))),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads the configuration through `get` (the environment, or a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let v = Vars(get);
+        let token = v
+            .get("SSE_AUTHENTICATION_TOKEN")
+            .ok_or_else(|| bad("SSE_AUTHENTICATION_TOKEN", "is required: set it to the token Flagsmith's task processor sends"))?;
+        let port: u16 = v.parse("PORT", 8000, "a port number (0-65535)")?;
+        let ip: IpAddr = v.parse("BIND_ADDRESS", IpAddr::from([0, 0, 0, 0]), "an IP address")?;
+        let max_stream_age = match v.get("MAX_STREAM_AGE") {
+            None => Some(Duration::from_secs(30)),
+            Some(s) => match s.parse::<f64>() {
+                Ok(secs) if secs < 0.0 => None,
+                Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= 1e9 => Some(Duration::from_secs_f64(secs)),
+                _ => return Err(bad("MAX_STREAM_AGE", format!("{s:?} is not a positive or negative number of seconds"))),
+            },
+        };
+        let max_connections = match v.get("MAX_CONNECTIONS") {
+            None => None,
+            Some(s) => match s.parse::<usize>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(bad("MAX_CONNECTIONS", format!("{s:?} is not a positive whole number"))),
+            },
+        };
+        let log_level = match v.get("LOG_LEVEL").map(|l| l.to_ascii_lowercase()).as_deref() {
+            None | Some("info") => log::LevelFilter::Info,
+            Some("error") => log::LevelFilter::Error,
+            Some("warn" | "warning") => log::LevelFilter::Warn,
+            Some("debug") => log::LevelFilter::Debug,
+            Some("trace") => log::LevelFilter::Trace,
+            Some(l) => return Err(bad("LOG_LEVEL", format!("{l:?} is not one of error, warn, info, debug, trace"))),
+        };
+        Ok(Config {
+            token: Token(token),
+            bind: SocketAddr::new(ip, port),
+            store: store_config(&v)?,
+            cache_update_interval: v.seconds("CACHE_UPDATE_INTERVAL_SECONDS", 1.0, false)?,
+            stream_delay: v.seconds("STREAM_DELAY", 1.0, true)?,
+            max_stream_age,
+            keepalive: v.seconds("KEEPALIVE_SECONDS", 15.0, false)?,
+            max_connections,
+            request_timeout: v.seconds("REQUEST_TIMEOUT_SECONDS", 10.0, false)?,
+            shutdown_grace: v.seconds("SHUTDOWN_GRACE_SECONDS", 5.0, true)?,
+            reuse_port: v.flag("REUSE_PORT")?,
+            log_level,
+        })
+    }
+}
+
+fn store_config<F: Fn(&str) -> Option<String>>(v: &Vars<F>) -> Result<StoreConfig, ConfigError> {
+    let changelog_maxlen: u64 = v.parse("REDIS_CHANGELOG_MAXLEN", 10_000, "a whole number")?;
+    if changelog_maxlen == 0 {
+        return Err(bad("REDIS_CHANGELOG_MAXLEN", "must be at least 1"));
+    }
+    let use_ssl = v.flag("REDIS_USE_SSL")?;
+    if let Some(url) = v.get("REDIS_URL") {
+        let url = if use_ssl && url.starts_with("redis://") {
+            format!("rediss://{}", &url["redis://".len()..])
+        } else {
+            url
+        };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(bad("REDIS_URL", format!("{:?} must start with redis:// or rediss://", redact_url(&url))));
+        }
+        return Ok(StoreConfig::Redis { url, changelog_maxlen });
+    }
+    let Some(host) = v.get("REDIS_HOST") else {
+        return Ok(StoreConfig::Embedded);
+    };
+    let port: u16 = v.parse("REDIS_PORT", 6379, "a port number (0-65535)")?;
+    let db: u32 = v.parse("REDIS_DB", 0, "a database number")?;
+    let mut url = String::from(if use_ssl { "rediss://" } else { "redis://" });
+    let user = v.get("REDIS_USERNAME");
+    let password = v.get("REDIS_PASSWORD");
+    if user.is_some() || password.is_some() {
+        url.push_str(&percent_encode(user.as_deref().unwrap_or("")));
+        if let Some(p) = &password {
+            url.push(':');
+            url.push_str(&percent_encode(p));
+        }
+        url.push('@');
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        url.push_str(&format!("[{host}]"));
+    } else {
+        url.push_str(&host);
+    }
+    url.push_str(&format!(":{port}/{db}"));
+    Ok(StoreConfig::Redis { url, changelog_maxlen })
+}
+
+/// Escapes everything but RFC 3986 unreserved characters, for user names and passwords in URLs.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A URL with its password (and user name) replaced by `***`, fit for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparseable URL>".to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// The text of `--help`.
+pub fn help() -> String {
+    let mut s = format!(
+        "flagsmith-sse {}\n\
+         Flagsmith real-time flag updates over server-sent events.\n\n\
+         USAGE:\n    flagsmith-sse [--help | --version | --healthcheck]\n\n\
+         Configured by environment variables:\n\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (name, default, meaning) in VARIABLES {
+        s.push_str(&format!("    {name:<30} {default:<22} {meaning}\n"));
+    }
+    s.push_str(
+        "\nWith neither REDIS_URL nor REDIS_HOST set, the embedded in-memory store is used\n\
+         (one instance, nothing shared).\n\n\
+         --healthcheck probes http://127.0.0.1:$PORT/health/liveness/ and exits 0 or 1.\n",
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[("SSE_AUTHENTICATION_TOKEN", "t")]).unwrap();
+        assert_eq!(c.bind, "0.0.0.0:8000".parse().unwrap());
+        assert_eq!(c.store, StoreConfig::Embedded);
+        assert_eq!(c.cache_update_interval, Duration::from_secs(1));
+        assert_eq!(c.stream_delay, Duration::from_secs(1));
+        assert_eq!(c.max_stream_age, Some(Duration::from_secs(30)));
+        assert_eq!(c.keepalive, Duration::from_secs(15));
+        assert_eq!(c.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(c.max_connections, None);
+        assert!(!c.reuse_port);
+        assert!(!format!("{c:?}").contains("\"t\""));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        assert_eq!(cfg(&[]).unwrap_err().var, "SSE_AUTHENTICATION_TOKEN");
+        assert_eq!(cfg(&[("SSE_AUTHENTICATION_TOKEN", "")]).unwrap_err().var, "SSE_AUTHENTICATION_TOKEN");
+        for (var, val) in [
+            ("PORT", "abc"),
+            ("PORT", "70000"),
+            ("BIND_ADDRESS", "localhost:1"),
+            ("CACHE_UPDATE_INTERVAL_SECONDS", "0"),
+            ("STREAM_DELAY", "-1"),
+            ("MAX_STREAM_AGE", "soon"),
+            ("KEEPALIVE_SECONDS", "NaN"),
+            ("MAX_CONNECTIONS", "0"),
+            ("REUSE_PORT", "maybe"),
+            ("LOG_LEVEL", "loud"),
+            ("REDIS_URL", "http://x"),
+        ] {
+            let e = cfg(&[("SSE_AUTHENTICATION_TOKEN", "t"), (var, val)]).unwrap_err();
+            assert_eq!(e.var, var, "{e}");
+        }
+    }
+
+    #[test]
+    fn redis_from_parts_and_url() {
+        let c = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_HOST", "cache"),
+            ("REDIS_USERNAME", "sse"),
+            ("REDIS_PASSWORD", "p@ss:w/rd"),
+            ("REDIS_DB", "2"),
+            ("REDIS_USE_SSL", "true"),
+        ])
+        .unwrap();
+        let StoreConfig::Redis { url, .. } = &c.store else { panic!("not redis") };
+        assert_eq!(url, "rediss://sse:p%40ss%3Aw%2Frd@cache:6379/2");
+        assert_eq!(format!("{:?}", c.store), "redis rediss://***@cache:6379/2 (change log ~10000)");
+        let c = cfg(&[("SSE_AUTHENTICATION_TOKEN", "t"), ("REDIS_URL", "redis://h:1/0"), ("REDIS_HOST", "x")]).unwrap();
+        assert!(matches!(c.store, StoreConfig::Redis { ref url, .. } if url == "redis://h:1/0"));
+    }
+
+    #[test]
+    fn fractions_and_never() {
+        let c = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("CACHE_UPDATE_INTERVAL_SECONDS", "0.1"),
+            ("STREAM_DELAY", "0"),
+            ("MAX_STREAM_AGE", "-1"),
+        ])
+        .unwrap();
+        assert_eq!(c.cache_update_interval, Duration::from_millis(100));
+        assert_eq!(c.stream_delay, Duration::ZERO);
+        assert_eq!(c.max_stream_age, None);
+    }
+}

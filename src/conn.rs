@@ -1,0 +1,273 @@
+//! One client connection: its state, its buffers, and all socket I/O.
+//!
+//! A connection is in one of three states (see `docs/ARCHITECTURE.md`):
+//! [`State::Http`] while requests are read and answered, [`State::Stream`] once it subscribed,
+//! and [`State::Closing`] while a final response drains and the peer's leftover input is read so
+//! that closing never resets unread bytes. Methods here report what happened as an [`Io`]
+//! outcome; only the server tears a connection down.
+
+use crate::http::Head;
+use crate::sse::{self, Event};
+use crate::timestamp::Micros;
+use mio::net::TcpStream;
+use std::io::{self, Read, Write};
+
+/// What a socket operation came to.
+#[derive(Debug)]
+pub enum Io {
+    /// Everything asked for was done; more may be possible.
+    Done,
+    /// The kernel would block: wait for the next readiness event.
+    WouldBlock,
+    /// The peer closed (EOF on read, or reset/broken pipe).
+    Closed,
+    /// Any other error; logged by the caller.
+    Error(io::Error),
+}
+
+fn sort_error(e: io::Error) -> Io {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => Io::WouldBlock,
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::NotConnected
+        | io::ErrorKind::UnexpectedEof => Io::Closed,
+        _ => Io::Error(e),
+    }
+}
+
+/// Writes as much of `buf` as the socket takes. Returns the bytes written and the outcome:
+/// `Done` when all of `buf` went out.
+pub fn write_all_nb(sock: &mut TcpStream, buf: &[u8]) -> (usize, Io) {
+    let mut n = 0;
+    while n < buf.len() {
+        match sock.write(&buf[n..]) {
+            Ok(0) => return (n, Io::Closed),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (n, sort_error(e)),
+        }
+    }
+    (n, Io::Done)
+}
+
+/// Reads once into `scratch`. `Done` with the byte count, or why nothing was read.
+pub fn read_nb(sock: &mut TcpStream, scratch: &mut [u8]) -> (usize, Io) {
+    loop {
+        match sock.read(scratch) {
+            Ok(0) => return (0, Io::Closed),
+            Ok(n) => return (n, Io::Done),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (0, sort_error(e)),
+        }
+    }
+}
+
+/// A client connection.
+pub struct Conn {
+    /// The socket.
+    pub sock: TcpStream,
+    /// Distinguishes this connection from earlier ones in the same slab slot.
+    pub serial: u64,
+    /// Deadline of this connection's entry in the timer heap (ms), `u64::MAX` if none.
+    pub timer_at: u64,
+    /// The socket may have more input than was read (edge-triggered readiness).
+    pub readable: bool,
+    /// Where the connection is in its life.
+    pub state: State,
+}
+
+/// The states of a connection.
+pub enum State {
+    /// Reading requests and writing responses (boxed: subscribers are the common case and
+    /// should stay small).
+    Http(Box<Http>),
+    /// Subscribed to an environment.
+    Stream(Stream),
+    /// Finishing: flush the final response, shut down writing, read until EOF or the deadline.
+    Closing(Closing),
+}
+
+/// A connection that is reading requests.
+pub struct Http {
+    /// Received bytes not yet consumed by a request. Empty (no allocation) when idle.
+    pub buf: Vec<u8>,
+    /// The head of the request whose body is being read.
+    pub head: Option<Head>,
+    /// Response bytes not yet written.
+    pub out: Vec<u8>,
+    /// How much of `out` is written.
+    pub out_pos: usize,
+    /// Close once `out` is written.
+    pub close_after: bool,
+    /// A queue-change of this connection is at the store; nothing else happens until it returns.
+    pub awaiting_store: bool,
+    /// When the current request must be complete (ms on the server clock).
+    pub deadline: u64,
+    /// Requests answered on this connection.
+    pub served: u32,
+    /// `100 Continue` was sent for the current request.
+    pub continued: bool,
+}
+
+impl Http {
+    /// A connection waiting for its first request until `deadline`.
+    pub fn new(deadline: u64) -> Http {
+        Http {
+            buf: Vec::new(),
+            head: None,
+            out: Vec::new(),
+            out_pos: 0,
+            close_after: false,
+            awaiting_store: false,
+            deadline,
+            served: 0,
+            continued: false,
+        }
+    }
+
+    /// Queues response bytes.
+    pub fn respond(&mut self, bytes: &[u8]) {
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        }
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Writes queued response bytes; `Done` when nothing is left.
+    pub fn flush(&mut self, sock: &mut TcpStream) -> Io {
+        if self.out_pos == self.out.len() {
+            return Io::Done;
+        }
+        let (n, io) = write_all_nb(sock, &self.out[self.out_pos..]);
+        self.out_pos += n;
+        if self.out_pos == self.out.len() {
+            // Release the buffer: an idle connection holds no memory.
+            self.out = Vec::new();
+            self.out_pos = 0;
+        }
+        io
+    }
+
+    /// Whether response bytes are waiting.
+    pub fn has_output(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+}
+
+/// What a stream connection has queued.
+#[derive(Clone, Debug)]
+pub enum Piece {
+    /// The response head.
+    Head,
+    /// A keep-alive comment.
+    Ping,
+    /// An update event, shared with the other subscribers.
+    Event(Event),
+    /// The end of the stream.
+    End,
+}
+
+impl Piece {
+    fn bytes(&self, chunked: bool) -> &[u8] {
+        match (self, chunked) {
+            (Piece::Head, true) => sse::HEAD_CHUNKED,
+            (Piece::Head, false) => sse::HEAD_PLAIN,
+            (Piece::Ping, true) => sse::PING_CHUNKED,
+            (Piece::Ping, false) => sse::PING_PLAIN,
+            (Piece::Event(e), c) => e.bytes(c),
+            (Piece::End, true) => sse::LAST_CHUNK,
+            (Piece::End, false) => b"",
+        }
+    }
+}
+
+/// A subscriber's connection.
+pub struct Stream {
+    /// The environment (index into the server's environment slab).
+    pub env: u32,
+    /// This connection's position in the environment's subscriber list.
+    pub pos: u32,
+    /// Chunked (HTTP/1.1) or close-delimited (HTTP/1.0).
+    pub chunked: bool,
+    /// The end of the stream is queued.
+    pub ending: bool,
+    /// Newest time queued or sent to this client; older or equal times are never sent.
+    pub last_sent: Micros,
+    /// The piece being written and how much of it is out.
+    pub out: Option<(Piece, u32)>,
+    /// The piece after it (a newer event replaces an older one here).
+    pub next: Option<Piece>,
+    /// When bytes last went to the kernel (ms), for keep-alives.
+    pub last_write: u64,
+    /// When the stream is ended for rebalancing (ms), `u64::MAX`: never.
+    pub end_at: u64,
+    /// Bytes handed to the kernel in all.
+    pub written: u64,
+    /// Since when (ms) and at what acknowledged byte count output has been pending.
+    pub stall_mark: Option<(u64, u64)>,
+    /// The end of the stream has been written.
+    pub finished: bool,
+}
+
+impl Stream {
+    /// Queues `piece`. An unsent event or ping is replaced, never queued behind.
+    pub fn enqueue(&mut self, piece: Piece) {
+        match &self.out {
+            None => self.out = Some((piece, 0)),
+            Some((Piece::Event(_) | Piece::Ping, 0)) if !matches!(piece, Piece::End) => {
+                self.out = Some((piece, 0));
+            }
+            Some(_) => self.next = Some(piece),
+        }
+    }
+
+    /// Bytes queued in user space.
+    pub fn pending_bytes(&self) -> usize {
+        let cur = self.out.as_ref().map_or(0, |(p, pos)| p.bytes(self.chunked).len() - *pos as usize);
+        cur + self.next.as_ref().map_or(0, |p| p.bytes(self.chunked).len())
+    }
+
+    /// Whether the queued output ends the stream.
+    pub fn end_queued(&self) -> bool {
+        matches!(self.out, Some((Piece::End, _))) || matches!(self.next, Some(Piece::End))
+    }
+
+    /// Writes queued pieces. `Done`: all written. `now` stamps `last_write`.
+    pub fn flush(&mut self, sock: &mut TcpStream, now: u64) -> Io {
+        while let Some((piece, pos)) = &mut self.out {
+            let bytes = &piece.bytes(self.chunked)[*pos as usize..];
+            let (n, io) = write_all_nb(sock, bytes);
+            if n > 0 {
+                self.written += n as u64;
+                self.last_write = now;
+            }
+            if n < bytes.len() {
+                *pos += n as u32;
+                return io;
+            }
+            if matches!(piece, Piece::End) {
+                self.out = None;
+                self.next = None;
+                self.finished = true;
+                return Io::Done;
+            }
+            self.out = self.next.take().map(|p| (p, 0));
+        }
+        Io::Done
+    }
+}
+
+/// A connection on its way out.
+pub struct Closing {
+    /// Final response bytes still to write (an error response), then writing is shut down.
+    pub out: Vec<u8>,
+    /// How much of `out` is written.
+    pub out_pos: usize,
+    /// Writing is shut down; now only reading until EOF.
+    pub shut: bool,
+    /// When to give up and close (ms).
+    pub deadline: u64,
+}

@@ -1,0 +1,1125 @@
+//! The event loop: one thread, one `mio::Poll`, every client socket, every timer.
+//!
+//! Tokens: connection tokens are slab keys; [`LISTENER`], [`WAKER`] and [`SIGNAL`] are special.
+//! The loop's timeout comes from the earliest deadline (a heap of connection and environment
+//! deadlines plus the store-fetch slot); there is no timer thread. Store work goes to the helper
+//! thread ([`crate::store::Helper`]) and comes back over a channel and the waker. Updates are
+//! written straight from here to the sockets. See `docs/ARCHITECTURE.md` for the whole picture.
+
+use crate::config::{Config, StoreConfig};
+use crate::conn::{self, Closing, Conn, Http, Io, Piece, State, Stream};
+use crate::http::{self, BodyFraming, Head, HttpError, Method, Route};
+use crate::metrics::{Gauges, Metrics, QueueResult, Rejection};
+use crate::slab::Slab;
+use crate::sse::Event;
+use crate::store::{self, Change, Command, Helper, Reply, Store, StoreError};
+use crate::sys;
+use crate::timestamp::{self, Micros};
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The listening socket.
+pub const LISTENER: Token = Token(usize::MAX - 1);
+/// The helper thread's waker.
+pub const WAKER: Token = Token(usize::MAX - 2);
+/// SIGTERM / SIGINT.
+pub const SIGNAL: Token = Token(usize::MAX - 3);
+
+/// Connections accepted per loop turn before other work gets a go.
+const MAX_ACCEPTS_PER_TURN: usize = 512;
+/// Reads (of the scratch buffer's size) per connection per turn.
+const MAX_READS_PER_TURN: usize = 16;
+/// Request-processing steps per connection per turn (bounds pipelining storms).
+const MAX_STEPS_PER_TURN: usize = 64;
+/// Size of the one read buffer shared by all connections.
+const SCRATCH_SIZE: usize = 64 * 1024;
+/// Time a closing connection gets to take its response and hang up (ms).
+const LINGER_MS: u64 = 2_000;
+/// Send buffer of stream sockets: events are tiny, and a small buffer makes a stalled reader
+/// visible instead of letting the kernel absorb megabytes for it.
+const STREAM_SNDBUF: usize = 8 * 1024;
+/// Descriptors kept back from MAX_CONNECTIONS for the listener, poll, store and logs.
+const RESERVED_FDS: u64 = 64;
+/// Retry delay when accepting failed for lack of descriptors (ms).
+const ACCEPT_RETRY_MS: u64 = 100;
+/// Hard limit after the shutdown grace period before the loop exits anyway (ms).
+const SHUTDOWN_SLACK_MS: u64 = 3_000;
+
+/// A deadline in the timer heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// A connection's next deadline: (token, serial).
+    Conn(usize, u64),
+    /// The end of an environment's coalescing window.
+    Env(u32),
+}
+
+/// An environment the loop knows about.
+struct Env {
+    key: Box<str>,
+    /// Newest update time known.
+    time: Option<Micros>,
+    /// The event for the newest broadcast time, shared by all subscribers.
+    event: Option<Event>,
+    /// Tokens of subscribed connections.
+    subs: Vec<usize>,
+    /// End of the current coalescing window (ms).
+    window_end: u64,
+    /// A newer time waits for the window to end.
+    pending: bool,
+    /// Deadline of this environment's timer entry, `u64::MAX` if none.
+    timer_at: u64,
+}
+
+/// Why the loop closes a connection, for the debug log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// The peer hung up or reset.
+    Peer,
+    /// The work is done (lingering finished, idle keep-alive expired).
+    Done,
+    /// A socket error.
+    Error,
+    /// A reader that stopped taking data.
+    Stalled,
+    /// Shutdown or lingering deadline passed.
+    Deadline,
+}
+
+/// The server: bind with [`Server::new`], then [`Server::run`].
+pub struct Server {
+    cfg: Arc<Config>,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    /// The listener may have connections waiting (edge-triggered: remembered, not re-reported).
+    listener_ready: bool,
+    /// Accepting paused for lack of descriptors until this time (ms).
+    accept_retry_at: u64,
+    /// A descriptor kept in reserve, closed to accept and refuse a client when out of them.
+    spare_fd: Option<std::fs::File>,
+    conns: Slab<Conn>,
+    next_serial: u64,
+    max_conns: usize,
+    streams: usize,
+    envs: Slab<Env>,
+    env_ids: HashMap<Box<str>, u32>,
+    timers: BinaryHeap<Reverse<(u64, Timer)>>,
+    helper: Helper,
+    signals: sys::SignalFd,
+    fetch_in_flight: bool,
+    next_fetch_at: u64,
+    /// Last successful fetch (ms); start time until the first.
+    last_fetch_ok: u64,
+    store_ready: bool,
+    clock: Instant,
+    scratch: Vec<u8>,
+    /// Connections with work left over from a capped turn: (token, serial).
+    revisit: Vec<(usize, u64)>,
+    shutdown_at: Option<u64>,
+    rng: u64,
+    metrics: Metrics,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX / 4)) as u64
+}
+
+/// Opens the store the configuration names.
+pub fn open_store(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
+    match cfg {
+        StoreConfig::Embedded => Ok(Box::new(store::MemoryStore::default())),
+        StoreConfig::Redis { url, changelog_maxlen } => {
+            Ok(Box::new(store::redis::RedisStore::new(url, *changelog_maxlen)?))
+        }
+    }
+}
+
+impl Server {
+    /// Binds the listener, raises the open-file limit and starts the store helper.
+    pub fn new(cfg: Config) -> io::Result<Server> {
+        let nofile = sys::raise_nofile_limit().unwrap_or(1024);
+        let derived = nofile.saturating_sub(RESERVED_FDS).max(1) as usize;
+        let max_conns = match cfg.max_connections {
+            Some(n) if n > derived => {
+                warn!("MAX_CONNECTIONS={n} is above what the open-file limit ({nofile}) allows; using {derived}");
+                derived
+            }
+            Some(n) => n,
+            None => derived,
+        };
+        info!("open-file limit {nofile}, MAX_CONNECTIONS {max_conns}");
+        let poll = Poll::new()?;
+        let std_listener = sys::listen(cfg.bind, cfg.reuse_port)?;
+        let mut listener = TcpListener::from_std(std_listener);
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let signals = sys::SignalFd::install()?;
+        poll.registry().register(&mut SourceFd(&signals.as_raw_fd()), SIGNAL, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let store = open_store(&cfg.store).map_err(|e| io::Error::other(e.to_string()))?;
+        info!("using {}", store.describe());
+        let helper = Helper::start(store, move || {
+            let _ = waker.wake();
+        })?;
+        let seed = timestamp::now_micros() as u64 ^ u64::from(std::process::id()) << 32;
+        Ok(Server {
+            cfg: Arc::new(cfg),
+            poll,
+            listener: Some(listener),
+            listener_ready: true,
+            accept_retry_at: 0,
+            spare_fd: std::fs::File::open("/dev/null").ok(),
+            conns: Slab::default(),
+            next_serial: 1,
+            max_conns,
+            streams: 0,
+            envs: Slab::default(),
+            env_ids: HashMap::new(),
+            timers: BinaryHeap::new(),
+            helper,
+            signals,
+            fetch_in_flight: false,
+            next_fetch_at: 0,
+            last_fetch_ok: 0,
+            store_ready: false,
+            clock: Instant::now(),
+            scratch: vec![0; SCRATCH_SIZE],
+            revisit: Vec::new(),
+            shutdown_at: None,
+            rng: seed | 1,
+            metrics: Metrics::default(),
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(io::Error::other("listener closed")),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        ms(self.clock.elapsed())
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: jitter only, not for secrets.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Runs until a signal ends it. Returns once every connection is closed.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        info!("listening on {}", self.local_addr()?);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.listener_ready = true,
+                    WAKER => self.drain_replies(),
+                    SIGNAL => {
+                        if self.signals.take() > 1 && self.shutdown_at.is_some() {
+                            warn!("second signal: exiting now");
+                            return Ok(());
+                        }
+                        self.begin_shutdown();
+                    }
+                    Token(t) => {
+                        if let Some(c) = self.conns.get_mut(t) {
+                            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                                c.readable = true;
+                            }
+                            self.drive(t);
+                        }
+                    }
+                }
+            }
+            // The waker may have fired before a reply was visible; replies are cheap to poll.
+            self.drain_replies();
+            let now = self.now();
+            if self.listener_ready && now >= self.accept_retry_at {
+                self.accept();
+            }
+            for (t, serial) in std::mem::take(&mut self.revisit) {
+                if self.conns.get(t).is_some_and(|c| c.serial == serial) {
+                    self.drive(t);
+                }
+            }
+            self.run_timers();
+            if let Some(at) = self.shutdown_at {
+                if self.conns.is_empty() {
+                    info!("all connections closed; exiting");
+                    return Ok(());
+                }
+                if self.now() > at + ms(self.cfg.shutdown_grace) + SHUTDOWN_SLACK_MS {
+                    warn!("{} connections still open after the shutdown grace period; exiting", self.conns.len());
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        let now = self.now();
+        if !self.revisit.is_empty() || (self.listener_ready && now >= self.accept_retry_at) {
+            return Some(Duration::ZERO);
+        }
+        let mut next = self.timers.peek().map_or(u64::MAX, |Reverse((at, _))| *at);
+        next = next.min(self.next_fetch_at);
+        if self.listener_ready {
+            next = next.min(self.accept_retry_at);
+        }
+        if let Some(at) = self.shutdown_at {
+            next = next.min(at + ms(self.cfg.shutdown_grace) + SHUTDOWN_SLACK_MS);
+        }
+        // Round up so that a deadline is never woken for a millisecond early.
+        Some(Duration::from_millis(next.saturating_sub(now).min(60_000) + u64::from(next > now)))
+    }
+
+    // ----- accepting -----------------------------------------------------------------------
+
+    fn accept(&mut self) {
+        for _ in 0..MAX_ACCEPTS_PER_TURN {
+            let Some(listener) = &self.listener else {
+                self.listener_ready = false;
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    if self.conns.len() >= self.max_conns {
+                        self.metrics.reject(Rejection::MaxConnections);
+                        refuse(sock);
+                        continue;
+                    }
+                    self.add_conn(sock);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.listener_ready = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                    self.metrics.reject(Rejection::NoDescriptors);
+                    // Free the reserve descriptor to take the client off the queue and tell it.
+                    if let Some(spare) = self.spare_fd.take() {
+                        drop(spare);
+                        if let Some(Ok((sock, _))) = self.listener.as_ref().map(|l| l.accept()) {
+                            refuse(sock);
+                        }
+                        self.spare_fd = std::fs::File::open("/dev/null").ok();
+                        if self.spare_fd.is_some() {
+                            continue;
+                        }
+                    }
+                    warn!("out of file descriptors ({e}); accepting again in {ACCEPT_RETRY_MS} ms");
+                    self.accept_retry_at = self.now() + ACCEPT_RETRY_MS;
+                    return;
+                }
+                Err(e) => {
+                    debug!("accept: {e}");
+                }
+            }
+        }
+        // Still ready: more next turn, after the other work.
+    }
+
+    fn add_conn(&mut self, mut sock: TcpStream) {
+        let _ = sock.set_nodelay(true);
+        let token = self.conns.vacant_key();
+        if let Err(e) = self.poll.registry().register(&mut sock, Token(token), Interest::READABLE | Interest::WRITABLE) {
+            warn!("register: {e}");
+            return;
+        }
+        let now = self.now();
+        let deadline = now + ms(self.cfg.request_timeout);
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        self.conns.insert(Conn {
+            sock,
+            serial,
+            timer_at: u64::MAX,
+            readable: true,
+            state: State::Http(Box::new(Http::new(deadline))),
+        });
+        self.schedule(token, deadline);
+        self.drive(token);
+    }
+
+    // ----- timers ----------------------------------------------------------------------------
+
+    /// Makes sure connection `token` is woken at `at` or earlier.
+    fn schedule(&mut self, token: usize, at: u64) {
+        if let Some(c) = self.conns.get_mut(token) {
+            if at < c.timer_at {
+                c.timer_at = at;
+                self.timers.push(Reverse((at, Timer::Conn(token, c.serial))));
+            }
+        }
+    }
+
+    fn run_timers(&mut self) {
+        let now = self.now();
+        if now >= self.next_fetch_at {
+            let interval = ms(self.cfg.cache_update_interval).max(1);
+            if !self.fetch_in_flight && self.helper.send(Command::Fetch) {
+                self.fetch_in_flight = true;
+            }
+            // A slow fetch makes the next one skip rather than queue up.
+            self.next_fetch_at = if self.next_fetch_at + interval > now { self.next_fetch_at + interval } else { now + interval };
+        }
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Conn(token, serial) => {
+                    let Some(c) = self.conns.get_mut(token) else { continue };
+                    if c.serial != serial || c.timer_at != at {
+                        continue;
+                    }
+                    c.timer_at = u64::MAX;
+                    self.conn_timer(token, now);
+                }
+                Timer::Env(id) => {
+                    let Some(env) = self.envs.get_mut(id as usize) else { continue };
+                    if env.timer_at != at {
+                        continue;
+                    }
+                    env.timer_at = u64::MAX;
+                    if env.pending {
+                        self.broadcast(id, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn conn_timer(&mut self, token: usize, now: u64) {
+        let keepalive = ms(self.cfg.keepalive);
+        let Some(c) = self.conns.get_mut(token) else { return };
+        match &mut c.state {
+            State::Http(h) => {
+                if h.awaiting_store {
+                    return;
+                }
+                if now < h.deadline {
+                    let at = h.deadline;
+                    self.schedule(token, at);
+                } else if h.served > 0 && h.buf.is_empty() && h.head.is_none() && !h.has_output() {
+                    self.close(token, Why::Done);
+                } else if h.has_output() {
+                    self.close(token, Why::Deadline);
+                } else {
+                    self.metrics.reject(Rejection::Timeout);
+                    self.fail(token, &HttpError::Timeout);
+                }
+            }
+            State::Closing(cl) => {
+                if now >= cl.deadline {
+                    self.close(token, Why::Deadline);
+                } else {
+                    let at = cl.deadline;
+                    self.schedule(token, at);
+                }
+            }
+            State::Stream(s) => {
+                if !s.ending && now >= s.end_at {
+                    s.ending = true;
+                    s.enqueue(Piece::End);
+                }
+                let ping_due = s.last_write + keepalive - jitter(c.serial, keepalive);
+                let check_due = s.stall_mark.map_or(ping_due, |(t0, _)| (t0 + keepalive).min(ping_due));
+                if now >= check_due {
+                    let queued = sys::unacked_bytes(&c.sock).unwrap_or(0) as u64;
+                    let pending = queued + s.pending_bytes() as u64;
+                    let acked = s.written.saturating_sub(queued);
+                    match s.stall_mark {
+                        _ if pending == 0 => s.stall_mark = None,
+                        Some((_, a0)) if a0 != acked => s.stall_mark = Some((now, acked)),
+                        Some((t0, _)) if now < t0 + keepalive => {}
+                        _ => {
+                            debug!("closing a stalled reader ({pending} bytes pending)");
+                            self.metrics.reject(Rejection::Stalled);
+                            self.close(token, Why::Stalled);
+                            return;
+                        }
+                    }
+                }
+                if now >= ping_due && s.out.is_none() && !s.ending {
+                    s.enqueue(Piece::Ping);
+                    self.metrics.pings_sent_total += 1;
+                }
+                self.flush_stream(token, now);
+            }
+        }
+    }
+
+    // ----- driving connections ---------------------------------------------------------------
+
+    fn drive(&mut self, token: usize) {
+        let now = self.now();
+        match self.conns.get(token).map(|c| &c.state) {
+            Some(State::Http(_)) => self.drive_http(token, now),
+            Some(State::Stream(_)) => {
+                self.discard_input(token);
+                self.flush_stream(token, now);
+            }
+            Some(State::Closing(_)) => self.drive_closing(token),
+            None => {}
+        }
+    }
+
+    /// Reads and drops whatever a subscriber sends; EOF or an error ends the stream.
+    fn discard_input(&mut self, token: usize) {
+        let Some(c) = self.conns.get_mut(token) else { return };
+        for _ in 0..MAX_READS_PER_TURN {
+            if !c.readable {
+                return;
+            }
+            match conn::read_nb(&mut c.sock, &mut self.scratch) {
+                (_, Io::Done) => {}
+                (_, Io::WouldBlock) => c.readable = false,
+                (_, Io::Closed) => return self.close(token, Why::Peer),
+                (_, Io::Error(e)) => {
+                    debug!("read: {e}");
+                    return self.close(token, Why::Error);
+                }
+            }
+        }
+        let serial = c.serial;
+        self.revisit.push((token, serial));
+    }
+
+    /// Writes what a subscriber has queued and handles the outcome.
+    fn flush_stream(&mut self, token: usize, now: u64) {
+        let keepalive = ms(self.cfg.keepalive);
+        let Some(c) = self.conns.get_mut(token) else { return };
+        let State::Stream(s) = &mut c.state else { return };
+        match s.flush(&mut c.sock, now) {
+            Io::Done if s.finished => self.linger(token, Vec::new()),
+            Io::Done => {
+                let mut at = s.last_write + keepalive - jitter(c.serial, keepalive);
+                if !s.ending {
+                    at = at.min(s.end_at);
+                }
+                if let Some((t0, _)) = s.stall_mark {
+                    at = at.min(t0 + keepalive);
+                }
+                self.schedule(token, at);
+            }
+            Io::WouldBlock => {
+                if s.stall_mark.is_none() {
+                    let queued = sys::unacked_bytes(&c.sock).unwrap_or(0) as u64;
+                    s.stall_mark = Some((now, s.written.saturating_sub(queued)));
+                }
+                let at = (now + keepalive).min(if s.ending { u64::MAX } else { s.end_at });
+                self.schedule(token, at);
+            }
+            Io::Closed => self.close(token, Why::Peer),
+            Io::Error(e) => {
+                debug!("write: {e}");
+                self.close(token, Why::Error);
+            }
+        }
+    }
+
+    fn drive_closing(&mut self, token: usize) {
+        let Some(c) = self.conns.get_mut(token) else { return };
+        let State::Closing(cl) = &mut c.state else { return };
+        if cl.out_pos < cl.out.len() {
+            let (n, io) = conn::write_all_nb(&mut c.sock, &cl.out[cl.out_pos..]);
+            cl.out_pos += n;
+            match io {
+                Io::Done => {}
+                Io::WouldBlock => return,
+                Io::Closed | Io::Error(_) => return self.close(token, Why::Peer),
+            }
+        }
+        if !cl.shut {
+            cl.shut = true;
+            cl.out = Vec::new();
+            let _ = c.sock.shutdown(Shutdown::Write);
+        }
+        for _ in 0..MAX_READS_PER_TURN {
+            if !c.readable {
+                return;
+            }
+            match conn::read_nb(&mut c.sock, &mut self.scratch) {
+                (_, Io::Done) => {}
+                (_, Io::WouldBlock) => {
+                    c.readable = false;
+                    return;
+                }
+                (_, Io::Closed | Io::Error(_)) => return self.close(token, Why::Done),
+            }
+        }
+        let serial = c.serial;
+        self.revisit.push((token, serial));
+    }
+
+    /// Turns the connection into a closing one that writes `out`, then hangs up gracefully.
+    fn linger(&mut self, token: usize, out: Vec<u8>) {
+        let deadline = self.now() + LINGER_MS;
+        let Some(c) = self.conns.get_mut(token) else { return };
+        if let State::Stream(_) = c.state {
+            self.unsubscribe(token);
+        }
+        let Some(c) = self.conns.get_mut(token) else { return };
+        c.state = State::Closing(Closing { out, out_pos: 0, shut: false, deadline });
+        self.schedule(token, deadline);
+        self.drive_closing(token);
+    }
+
+    /// Answers a refused request and closes the connection.
+    fn fail(&mut self, token: usize, e: &HttpError) {
+        debug!("refusing a request: {e}");
+        if matches!(e, HttpError::BadRequest(_) | HttpError::HeadersTooLarge | HttpError::VersionNotSupported) {
+            self.metrics.reject(Rejection::BadRequest);
+        }
+        let mut out = Vec::new();
+        if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+            // Anything already queued (an earlier pipelined response) goes first.
+            out = std::mem::take(&mut h.out);
+            out.drain(..h.out_pos.min(out.len()));
+        }
+        out.extend_from_slice(&http::error_response(e));
+        self.linger(token, out);
+    }
+
+    fn drive_http(&mut self, token: usize, now: u64) {
+        for _ in 0..MAX_STEPS_PER_TURN {
+            let Some(c) = self.conns.get_mut(token) else { return };
+            let step = http_step(c, &mut self.scratch);
+            match step {
+                Step::Wait => return,
+                Step::Again => {}
+                Step::Close(why) => return self.close(token, why),
+                Step::Finish => return self.linger(token, Vec::new()),
+                Step::Fail(e) => {
+                    if e == HttpError::PayloadTooLarge {
+                        self.metrics.queue_change(QueueResult::TooLarge);
+                    }
+                    return self.fail(token, &e);
+                }
+                Step::Head => self.check_head(token),
+                Step::Request(head, body) => {
+                    self.dispatch(token, &head, &body, now);
+                    let timeout = ms(self.cfg.request_timeout);
+                    let closing = self.shutdown_at.is_some();
+                    if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+                        h.served += 1;
+                        h.continued = false;
+                        h.deadline = now + timeout;
+                        if !head.keep_alive || closing {
+                            h.close_after = true;
+                        }
+                        if !h.awaiting_store {
+                            self.schedule(token, now + timeout);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(c) = self.conns.get(token) {
+            self.revisit.push((token, c.serial));
+        }
+    }
+
+    /// A head arrived and its body has not: refuse early what will be refused anyway, and
+    /// send `100 Continue` when the client waits for it.
+    fn check_head(&mut self, token: usize) {
+        let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) else { return };
+        let Some(head) = &h.head else { return };
+        if let (Route::QueueChange(_), Method::Post) = (&head.route, head.method) {
+            if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) {
+                self.metrics.queue_change(QueueResult::Unauthorized);
+                let out = unauthorized();
+                return self.linger(token, out);
+            }
+        }
+        if head.expect_continue && !h.continued && h.buf.is_empty() && head.body != BodyFraming::None {
+            h.continued = true;
+            h.respond(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+    }
+
+    fn dispatch(&mut self, token: usize, head: &Head, body: &[u8], now: u64) {
+        let keep_alive = head.keep_alive && self.shutdown_at.is_none();
+        let head_only = head.method == Method::Head;
+        let json = |status: u16, extra: &str, body: &[u8]| http::response(status, "application/json", extra, body, keep_alive, head_only);
+        let out = match (&head.route, head.method) {
+            (Route::NotFound, _) => json(404, "", &http::detail_json("not found")),
+            (route, Method::Options) => {
+                let allow_headers = head
+                    .cors_request_headers
+                    .as_deref()
+                    .filter(|h| h.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+                    .unwrap_or("Authorization, Content-Type, Cache-Control, Last-Event-ID");
+                let extra = format!(
+                    "Allow: {0}\r\nAccess-Control-Allow-Methods: {0}\r\nAccess-Control-Allow-Headers: {allow_headers}\r\nAccess-Control-Max-Age: 86400\r\n",
+                    route.allow()
+                );
+                http::response(204, "text/plain", &extra, b"", keep_alive, true)
+            }
+            (route, m) if !route.allows(m) => {
+                json(405, &format!("Allow: {}\r\n", route.allow()), &http::detail_json("method not allowed"))
+            }
+            (Route::Liveness, _) => json(200, "", b"{\"status\": \"ok\"}"),
+            (Route::Readiness, _) => {
+                if self.store_ready {
+                    json(200, "", b"{\"status\": \"ok\"}")
+                } else {
+                    json(503, "Retry-After: 1\r\n", &http::detail_json("store unavailable"))
+                }
+            }
+            (Route::Metrics, _) => {
+                let text = self.metrics.render(&self.gauges(now));
+                http::response(200, "text/plain; version=0.0.4; charset=utf-8", "", text.as_bytes(), keep_alive, head_only)
+            }
+            (Route::Stream(key), _) => {
+                let stale = now.saturating_sub(self.last_fetch_ok) > 3 * ms(self.cfg.cache_update_interval).max(1);
+                if stale && !self.store_ready {
+                    self.metrics.reject(Rejection::StoreUnavailable);
+                    json(503, "Retry-After: 1\r\n", &http::detail_json("store unavailable"))
+                } else {
+                    return self.subscribe(token, key, head.minor == 1, now);
+                }
+            }
+            (Route::QueueChange(key), _) => {
+                if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) {
+                    self.metrics.queue_change(QueueResult::Unauthorized);
+                    unauthorized_keep(keep_alive)
+                } else {
+                    match crate::json::parse_queue_change(body) {
+                        Err(e) => {
+                            self.metrics.queue_change(QueueResult::BadRequest);
+                            json(400, "", &http::detail_json(&e.to_string()))
+                        }
+                        Ok(time) => {
+                            let Some(c) = self.conns.get_mut(token) else { return };
+                            let change = Change { key: key.clone(), time };
+                            if self.helper.send(Command::Write((token, c.serial), change)) {
+                                if let State::Http(h) = &mut c.state {
+                                    h.awaiting_store = true;
+                                }
+                                return;
+                            }
+                            self.metrics.queue_change(QueueResult::Unavailable);
+                            json(503, "Retry-After: 1\r\n", &http::detail_json("store unavailable"))
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+            h.respond(&out);
+        }
+    }
+
+    fn gauges(&self, now: u64) -> Gauges {
+        Gauges {
+            subscribers_active: self.streams,
+            connections_open: self.conns.len(),
+            environments_cached: self.env_ids.len(),
+            last_fetch_age_seconds: now.saturating_sub(self.last_fetch_ok) as f64 / 1000.0,
+            store_ready: self.store_ready,
+        }
+    }
+
+    // ----- streams and environments ----------------------------------------------------------
+
+    fn env_id(&mut self, key: &str, now: u64) -> u32 {
+        if let Some(&id) = self.env_ids.get(key) {
+            return id;
+        }
+        let id = self.envs.insert(Env {
+            key: key.into(),
+            time: None,
+            event: None,
+            subs: Vec::new(),
+            window_end: now,
+            pending: false,
+            timer_at: u64::MAX,
+        }) as u32;
+        self.env_ids.insert(key.into(), id);
+        id
+    }
+
+    fn subscribe(&mut self, token: usize, key: &str, chunked: bool, now: u64) {
+        let env_id = self.env_id(key, now);
+        let end_at = match self.cfg.max_stream_age {
+            None => u64::MAX,
+            Some(age) => {
+                let age = ms(age);
+                let spread = age / 5;
+                let jitter = if spread > 0 { self.random() % (spread + 1) } else { 0 };
+                now + age - age / 10 + jitter
+            }
+        };
+        let Some(env) = self.envs.get_mut(env_id as usize) else { return };
+        let Some(c) = self.conns.get_mut(token) else { return };
+        let _ = sys::set_send_buffer(&c.sock, STREAM_SNDBUF);
+        let pos = env.subs.len() as u32;
+        env.subs.push(token);
+        let mut s = Stream {
+            env: env_id,
+            pos,
+            chunked,
+            ending: false,
+            last_sent: Micros::MIN,
+            out: Some((Piece::Head, 0)),
+            next: None,
+            last_write: now,
+            end_at,
+            written: 0,
+            stall_mark: None,
+            finished: false,
+        };
+        if let Some(t) = env.time {
+            let ev = env.event.get_or_insert_with(|| Event::new(t));
+            if ev.time != t {
+                *ev = Event::new(t);
+            }
+            s.enqueue(Piece::Event(ev.clone()));
+            s.last_sent = t;
+            self.metrics.events_sent_total += 1;
+        }
+        c.state = State::Stream(s);
+        self.streams += 1;
+        self.metrics.subscribers_total += 1;
+        self.flush_stream(token, now);
+    }
+
+    /// Removes a stream connection from its environment's subscriber list.
+    fn unsubscribe(&mut self, token: usize) {
+        let Some(c) = self.conns.get(token) else { return };
+        let State::Stream(s) = &c.state else { return };
+        let (env_id, pos) = (s.env, s.pos as usize);
+        self.streams -= 1;
+        let Some(env) = self.envs.get_mut(env_id as usize) else { return };
+        if env.subs.get(pos) == Some(&token) {
+            env.subs.swap_remove(pos);
+            if let Some(&moved) = env.subs.get(pos) {
+                if let Some(State::Stream(ms)) = self.conns.get_mut(moved).map(|c| &mut c.state) {
+                    ms.pos = pos as u32;
+                }
+            }
+        }
+        if env.subs.is_empty() && env.time.is_none() {
+            let key = env.key.clone();
+            self.env_ids.remove(&key);
+            self.envs.remove(env_id as usize);
+        }
+    }
+
+    /// Records a newer time for `key` and sends it, now or at the end of the coalescing window.
+    fn apply_time(&mut self, key: &str, time: Micros, now: u64) {
+        let id = self.env_id(key, now);
+        let delay = ms(self.cfg.stream_delay);
+        let Some(env) = self.envs.get_mut(id as usize) else { return };
+        if env.time.is_some_and(|t| t >= time) {
+            return;
+        }
+        env.time = Some(time);
+        if delay == 0 || now >= env.window_end {
+            env.window_end = now + delay;
+            self.broadcast(id, now);
+        } else {
+            env.pending = true;
+            if env.timer_at != env.window_end {
+                env.timer_at = env.window_end;
+                self.timers.push(Reverse((env.window_end, Timer::Env(id))));
+            }
+        }
+    }
+
+    /// Writes the environment's newest time to every subscriber that has not had it.
+    fn broadcast(&mut self, id: u32, now: u64) {
+        let delay = ms(self.cfg.stream_delay);
+        let Some(env) = self.envs.get_mut(id as usize) else { return };
+        let Some(time) = env.time else { return };
+        env.pending = false;
+        env.window_end = now + delay;
+        if env.subs.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let event = Event::new(time);
+        env.event = Some(event.clone());
+        let mut troubled = Vec::new();
+        for &token in &env.subs {
+            let Some(c) = self.conns.get_mut(token) else { continue };
+            let State::Stream(s) = &mut c.state else { continue };
+            if s.last_sent >= time || s.ending {
+                continue;
+            }
+            s.last_sent = time;
+            s.enqueue(Piece::Event(event.clone()));
+            self.metrics.events_sent_total += 1;
+            match s.flush(&mut c.sock, now) {
+                Io::Done => {}
+                _ => troubled.push(token),
+            }
+        }
+        self.metrics.fanout(started.elapsed().as_secs_f64());
+        // Sockets that would block or failed: the usual path sorts them out (stall marks,
+        // closing) once the iteration over the subscriber list is over.
+        for token in troubled {
+            self.flush_stream(token, now);
+        }
+    }
+
+    // ----- the store ------------------------------------------------------------------------
+
+    fn drain_replies(&mut self) {
+        while let Ok(reply) = self.helper.rx.try_recv() {
+            let now = self.now();
+            match reply {
+                Reply::Fetched(Ok(fetched)) => {
+                    self.fetch_in_flight = false;
+                    if !self.store_ready {
+                        info!("store is available");
+                    }
+                    self.store_ready = true;
+                    self.last_fetch_ok = now;
+                    if fetched.snapshot {
+                        debug!("loaded a snapshot of {} environments", fetched.changes.len());
+                    }
+                    for ch in fetched.changes {
+                        self.apply_time(&ch.key, ch.time, now);
+                    }
+                }
+                Reply::Fetched(Err(e)) => {
+                    self.fetch_in_flight = false;
+                    if self.store_ready || self.last_fetch_ok == 0 {
+                        warn!("fetch failed: {e}");
+                    }
+                    self.store_ready = false;
+                }
+                Reply::Written(results) => {
+                    for ((token, serial), change, result) in results {
+                        let out = match result {
+                            Ok(stored) => {
+                                self.metrics.queue_change(QueueResult::Ok);
+                                self.apply_time(&change.key, stored, now);
+                                let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
+                                timestamp::write_epoch_seconds(stored, &mut body);
+                                body.push(b'}');
+                                Ok(body)
+                            }
+                            Err(e) => {
+                                self.metrics.queue_change(QueueResult::Unavailable);
+                                warn!("queue-change for {} not stored: {e}", change.key);
+                                Err(e)
+                            }
+                        };
+                        self.finish_write(token, serial, out, now);
+                    }
+                }
+                Reply::Stats(stats) => self.metrics.store_commands = stats,
+            }
+        }
+    }
+
+    /// Answers a queue-change whose write the store finished (if the client is still there).
+    fn finish_write(&mut self, token: usize, serial: u64, out: Result<Vec<u8>, StoreError>, now: u64) {
+        let keep_alive = self.shutdown_at.is_none();
+        let Some(c) = self.conns.get_mut(token) else { return };
+        if c.serial != serial {
+            return;
+        }
+        let State::Http(h) = &mut c.state else { return };
+        h.awaiting_store = false;
+        let keep_alive = keep_alive && !h.close_after;
+        let resp = match out {
+            Ok(body) => http::response(200, "application/json", "", &body, keep_alive, false),
+            Err(e) => http::response(503, "application/json", "Retry-After: 1\r\n", &http::detail_json(&e.to_string()), keep_alive, false),
+        };
+        h.respond(&resp);
+        let deadline = h.deadline;
+        self.schedule(token, deadline);
+        self.drive_http(token, now);
+    }
+
+    // ----- shutdown and teardown ------------------------------------------------------------
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        let now = self.now();
+        info!("shutting down: ending {} streams over {:?}", self.streams, self.cfg.shutdown_grace);
+        self.shutdown_at = Some(now);
+        self.listener = None;
+        self.listener_ready = false;
+        let grace = ms(self.cfg.shutdown_grace);
+        let tokens: Vec<usize> = self.conns.keys().collect();
+        for token in tokens {
+            let end = now + if grace > 0 { self.random() % grace } else { 0 };
+            let Some(c) = self.conns.get_mut(token) else { continue };
+            match &mut c.state {
+                State::Stream(s) => {
+                    s.end_at = s.end_at.min(end);
+                    self.schedule(token, end);
+                }
+                State::Http(h) => {
+                    if h.awaiting_store || h.has_output() || h.head.is_some() || !h.buf.is_empty() {
+                        h.close_after = true;
+                    } else {
+                        self.close(token, Why::Done);
+                    }
+                }
+                State::Closing(_) => {}
+            }
+        }
+    }
+
+    fn close(&mut self, token: usize, why: Why) {
+        if let Some(State::Stream(_)) = self.conns.get(token).map(|c| &c.state) {
+            self.unsubscribe(token);
+        }
+        if let Some(c) = self.conns.remove(token) {
+            debug!("closing connection {token}: {why:?}");
+            drop(c);
+            if self.accept_retry_at > self.now() {
+                // A descriptor came free: try the listener again now.
+                self.accept_retry_at = 0;
+            }
+        }
+    }
+}
+
+/// The keep-alive jitter of a connection: up to a tenth of the interval, fixed per connection,
+/// so that subscribers who got the same event do not all ping at the same instant.
+fn jitter(serial: u64, keepalive: u64) -> u64 {
+    let h = serial.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    h % (keepalive / 10 + 1)
+}
+
+fn unauthorized() -> Vec<u8> {
+    unauthorized_keep(false)
+}
+
+fn unauthorized_keep(keep_alive: bool) -> Vec<u8> {
+    http::response(401, "application/json", "WWW-Authenticate: Token\r\n", b"{\"detail\": \"Invalid authorization header\"}", keep_alive, false)
+}
+
+/// Tells a client that could not be taken on to come back later, without keeping it.
+fn refuse(mut sock: TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 34\r\nRetry-After: 1\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n{\"detail\": \"too many connections\"}";
+    let _ = conn::write_all_nb(&mut sock, BUSY);
+    let _ = sock.shutdown(Shutdown::Write);
+    // Read what already arrived so that closing sends FIN rather than RST.
+    let mut buf = [0u8; 4096];
+    for _ in 0..4 {
+        if !matches!(conn::read_nb(&mut sock, &mut buf), (_, Io::Done)) {
+            break;
+        }
+    }
+}
+
+/// What one step of request processing came to.
+enum Step {
+    /// Nothing more to do until the socket is ready again.
+    Wait,
+    /// Progress was made; step again.
+    Again,
+    /// A head is complete and its body is not.
+    Head,
+    /// A whole request.
+    Request(Head, Vec<u8>),
+    /// Refuse with an error response, then close.
+    Fail(HttpError),
+    /// The last response is out: hang up gracefully.
+    Finish,
+    /// Close now.
+    Close(Why),
+}
+
+/// One step of an HTTP connection: flush output, parse what is buffered, or read more.
+fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
+    let State::Http(h) = &mut c.state else { return Step::Wait };
+    match h.flush(&mut c.sock) {
+        Io::Done => {}
+        Io::WouldBlock => return Step::Wait,
+        Io::Closed => return Step::Close(Why::Peer),
+        Io::Error(e) => {
+            debug!("write: {e}");
+            return Step::Close(Why::Error);
+        }
+    }
+    if h.awaiting_store {
+        return Step::Wait;
+    }
+    if h.close_after {
+        return Step::Finish;
+    }
+    match &h.head {
+        None if !h.buf.is_empty() => match http::parse_head(&h.buf) {
+            Err(e) => return Step::Fail(e),
+            Ok(Some(head)) => {
+                h.buf.drain(..head.len);
+                h.head = Some(head);
+                return Step::Head;
+            }
+            Ok(None) => {}
+        },
+        None => {}
+        Some(head) => match http::parse_body(head.body, &h.buf) {
+            Err(e) => return Step::Fail(e),
+            Ok(Some((body, used))) => {
+                h.buf.drain(..used);
+                if h.buf.is_empty() {
+                    h.buf = Vec::new();
+                }
+                let Some(head) = h.head.take() else { return Step::Wait };
+                return Step::Request(head, body);
+            }
+            Ok(None) => {}
+        },
+    }
+    if !c.readable {
+        return Step::Wait;
+    }
+    match conn::read_nb(&mut c.sock, scratch) {
+        (n, Io::Done) => {
+            h.buf.extend_from_slice(&scratch[..n]);
+            Step::Again
+        }
+        (_, Io::WouldBlock) => {
+            c.readable = false;
+            Step::Wait
+        }
+        (_, Io::Closed) => {
+            if h.buf.is_empty() && h.head.is_none() {
+                Step::Close(Why::Peer)
+            } else {
+                // The peer stopped sending halfway through a request.
+                Step::Fail(HttpError::BadRequest("connection closed before the request was complete"))
+            }
+        }
+        (_, Io::Error(e)) => {
+            debug!("read: {e}");
+            Step::Close(Why::Error)
+        }
+    }
+}
