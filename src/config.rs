@@ -9,25 +9,77 @@ use std::time::Duration;
 
 /// Every variable the server reads: name, default, meaning. `--help` prints this table.
 pub const VARIABLES: &[(&str, &str, &str)] = &[
-    ("SSE_AUTHENTICATION_TOKEN", "required", "shared secret for queue-change (Authorization: Token <it>)"),
+    (
+        "SSE_AUTHENTICATION_TOKEN",
+        "required",
+        "shared secret for queue-change (Authorization: Token <it>)",
+    ),
     ("PORT", "8000", "TCP port to listen on"),
-    ("BIND_ADDRESS", "0.0.0.0", "address to listen on (IPv4 or IPv6)"),
-    ("REDIS_URL", "unset", "redis:// or rediss:// URL; overrides the REDIS_* parts"),
-    ("REDIS_HOST", "unset", "Redis host; with neither this nor REDIS_URL the embedded store is used"),
+    (
+        "BIND_ADDRESS",
+        "0.0.0.0",
+        "address to listen on (IPv4 or IPv6)",
+    ),
+    (
+        "REDIS_URL",
+        "unset",
+        "redis:// or rediss:// URL; overrides the REDIS_* parts",
+    ),
+    (
+        "REDIS_HOST",
+        "unset",
+        "Redis host; with neither this nor REDIS_URL the embedded store is used",
+    ),
     ("REDIS_PORT", "6379", "Redis port"),
     ("REDIS_USERNAME", "none", "Redis ACL user name"),
     ("REDIS_PASSWORD", "none", "Redis password"),
     ("REDIS_DB", "0", "Redis database number"),
     ("REDIS_USE_SSL", "false", "connect to Redis over TLS"),
-    ("REDIS_CHANGELOG_MAXLEN", "10000", "approximate length the Redis change log is trimmed to"),
-    ("CACHE_UPDATE_INTERVAL_SECONDS", "1", "seconds between fetches from the store (fractions allowed)"),
-    ("STREAM_DELAY", "1", "coalescing window per environment in seconds; 0 turns it off"),
-    ("MAX_STREAM_AGE", "30", "seconds before a stream is ended for rebalancing (+-10% jitter); negative: never"),
-    ("KEEPALIVE_SECONDS", "15", "idle seconds before a ': ping' comment; also the stalled-reader limit"),
-    ("MAX_CONNECTIONS", "open-file limit - 64", "open client connections allowed; the next one gets 503"),
-    ("REQUEST_TIMEOUT_SECONDS", "10", "seconds allowed to send a complete request (408 after)"),
-    ("SHUTDOWN_GRACE_SECONDS", "5", "window over which open streams are ended on SIGTERM"),
-    ("REUSE_PORT", "false", "set SO_REUSEPORT, to run one process per core on one port"),
+    (
+        "REDIS_CHANGELOG_MAXLEN",
+        "10000",
+        "approximate length the Redis change log is trimmed to",
+    ),
+    (
+        "CACHE_UPDATE_INTERVAL_SECONDS",
+        "1",
+        "seconds between fetches from the store (fractions allowed)",
+    ),
+    (
+        "STREAM_DELAY",
+        "1",
+        "coalescing window per environment in seconds; 0 turns it off",
+    ),
+    (
+        "MAX_STREAM_AGE",
+        "30",
+        "seconds before a stream is ended for rebalancing (+-10% jitter); negative: never",
+    ),
+    (
+        "KEEPALIVE_SECONDS",
+        "15",
+        "idle seconds before a ': ping' comment; also the stalled-reader limit",
+    ),
+    (
+        "MAX_CONNECTIONS",
+        "open-file limit - 64",
+        "open client connections allowed; the next one gets 503",
+    ),
+    (
+        "REQUEST_TIMEOUT_SECONDS",
+        "10",
+        "seconds allowed to send a complete request (408 after)",
+    ),
+    (
+        "SHUTDOWN_GRACE_SECONDS",
+        "5",
+        "window over which open streams are ended on SIGTERM",
+    ),
+    (
+        "REUSE_PORT",
+        "false",
+        "set SO_REUSEPORT, to run one process per core on one port",
+    ),
     ("LOG_LEVEL", "info", "error, warn, info, debug or trace"),
 ];
 
@@ -49,8 +101,15 @@ impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreConfig::Embedded => f.write_str("embedded"),
-            StoreConfig::Redis { url, changelog_maxlen } => {
-                write!(f, "redis {} (change log ~{changelog_maxlen})", redact_url(url))
+            StoreConfig::Redis {
+                url,
+                changelog_maxlen,
+            } => {
+                write!(
+                    f,
+                    "redis {} (change log ~{changelog_maxlen})",
+                    redact_url(url)
+                )
             }
         }
     }
@@ -113,7 +172,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn bad(var: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { var, problem: problem.into() }
+    ConfigError {
+        var,
+        problem: problem.into(),
+    }
 }
 
 /// Reads variables through `get`, treating empty values as unset.
@@ -121,21 +183,42 @@ struct Vars<F>(F);
 
 impl<F: Fn(&str) -> Option<String>> Vars<F> {
     fn get(&self, var: &str) -> Option<String> {
-        (self.0)(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+        (self.0)(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
     }
 
-    fn parse<T: std::str::FromStr>(&self, var: &'static str, default: T, what: &str) -> Result<T, ConfigError> {
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: T,
+        what: &str,
+    ) -> Result<T, ConfigError> {
         match self.get(var) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| bad(var, format!("{v:?} is not {what}"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| bad(var, format!("{v:?} is not {what}"))),
         }
     }
 
-    fn seconds(&self, var: &'static str, default: f64, allow_zero: bool) -> Result<Duration, ConfigError> {
+    fn seconds(
+        &self,
+        var: &'static str,
+        default: f64,
+        allow_zero: bool,
+    ) -> Result<Duration, ConfigError> {
         let secs: f64 = self.parse(var, default, "a number of seconds")?;
         if !secs.is_finite() || secs < 0.0 || (secs == 0.0 && !allow_zero) || secs > 1e9 {
-            let range = if allow_zero { "zero or more" } else { "more than zero" };
-            return Err(bad(var, format!("{secs} seconds is out of range: give {range}")));
+            let range = if allow_zero {
+                "zero or more"
+            } else {
+                "more than zero"
+            };
+            return Err(bad(
+                var,
+                format!("{secs} seconds is out of range: give {range}"),
+            ));
         }
         Ok(Duration::from_secs_f64(secs))
     }
@@ -158,33 +241,57 @@ impl Config {
     /// Reads the configuration through `get` (the environment, or a map in tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let v = Vars(get);
-        let token = v
-            .get("SSE_AUTHENTICATION_TOKEN")
-            .ok_or_else(|| bad("SSE_AUTHENTICATION_TOKEN", "is required: set it to the token Flagsmith's task processor sends"))?;
+        let token = v.get("SSE_AUTHENTICATION_TOKEN").ok_or_else(|| {
+            bad(
+                "SSE_AUTHENTICATION_TOKEN",
+                "is required: set it to the token Flagsmith's task processor sends",
+            )
+        })?;
         let port: u16 = v.parse("PORT", 8000, "a port number (0-65535)")?;
         let ip: IpAddr = v.parse("BIND_ADDRESS", IpAddr::from([0, 0, 0, 0]), "an IP address")?;
         let max_stream_age = match v.get("MAX_STREAM_AGE") {
             None => Some(Duration::from_secs(30)),
             Some(s) => match s.parse::<f64>() {
                 Ok(secs) if secs < 0.0 => None,
-                Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= 1e9 => Some(Duration::from_secs_f64(secs)),
-                _ => return Err(bad("MAX_STREAM_AGE", format!("{s:?} is not a positive or negative number of seconds"))),
+                Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= 1e9 => {
+                    Some(Duration::from_secs_f64(secs))
+                }
+                _ => {
+                    return Err(bad(
+                        "MAX_STREAM_AGE",
+                        format!("{s:?} is not a positive or negative number of seconds"),
+                    ));
+                }
             },
         };
         let max_connections = match v.get("MAX_CONNECTIONS") {
             None => None,
             Some(s) => match s.parse::<usize>() {
                 Ok(n) if n > 0 => Some(n),
-                _ => return Err(bad("MAX_CONNECTIONS", format!("{s:?} is not a positive whole number"))),
+                _ => {
+                    return Err(bad(
+                        "MAX_CONNECTIONS",
+                        format!("{s:?} is not a positive whole number"),
+                    ));
+                }
             },
         };
-        let log_level = match v.get("LOG_LEVEL").map(|l| l.to_ascii_lowercase()).as_deref() {
+        let log_level = match v
+            .get("LOG_LEVEL")
+            .map(|l| l.to_ascii_lowercase())
+            .as_deref()
+        {
             None | Some("info") => log::LevelFilter::Info,
             Some("error") => log::LevelFilter::Error,
             Some("warn" | "warning") => log::LevelFilter::Warn,
             Some("debug") => log::LevelFilter::Debug,
             Some("trace") => log::LevelFilter::Trace,
-            Some(l) => return Err(bad("LOG_LEVEL", format!("{l:?} is not one of error, warn, info, debug, trace"))),
+            Some(l) => {
+                return Err(bad(
+                    "LOG_LEVEL",
+                    format!("{l:?} is not one of error, warn, info, debug, trace"),
+                ));
+            }
         };
         Ok(Config {
             token: Token(token),
@@ -216,9 +323,18 @@ fn store_config<F: Fn(&str) -> Option<String>>(v: &Vars<F>) -> Result<StoreConfi
             url
         };
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(bad("REDIS_URL", format!("{:?} must start with redis:// or rediss://", redact_url(&url))));
+            return Err(bad(
+                "REDIS_URL",
+                format!(
+                    "{:?} must start with redis:// or rediss://",
+                    redact_url(&url)
+                ),
+            ));
         }
-        return Ok(StoreConfig::Redis { url, changelog_maxlen });
+        return Ok(StoreConfig::Redis {
+            url,
+            changelog_maxlen,
+        });
     }
     let Some(host) = v.get("REDIS_HOST") else {
         return Ok(StoreConfig::Embedded);
@@ -242,7 +358,10 @@ fn store_config<F: Fn(&str) -> Option<String>>(v: &Vars<F>) -> Result<StoreConfi
         url.push_str(&host);
     }
     url.push_str(&format!(":{port}/{db}"));
-    Ok(StoreConfig::Redis { url, changelog_maxlen })
+    Ok(StoreConfig::Redis {
+        url,
+        changelog_maxlen,
+    })
 }
 
 /// Escapes everything but RFC 3986 unreserved characters, for user names and passwords in URLs.
@@ -295,8 +414,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -319,7 +440,10 @@ mod tests {
     #[test]
     fn errors_name_the_variable() {
         assert_eq!(cfg(&[]).unwrap_err().var, "SSE_AUTHENTICATION_TOKEN");
-        assert_eq!(cfg(&[("SSE_AUTHENTICATION_TOKEN", "")]).unwrap_err().var, "SSE_AUTHENTICATION_TOKEN");
+        assert_eq!(
+            cfg(&[("SSE_AUTHENTICATION_TOKEN", "")]).unwrap_err().var,
+            "SSE_AUTHENTICATION_TOKEN"
+        );
         for (var, val) in [
             ("PORT", "abc"),
             ("PORT", "70000"),
@@ -349,10 +473,20 @@ mod tests {
             ("REDIS_USE_SSL", "true"),
         ])
         .unwrap();
-        let StoreConfig::Redis { url, .. } = &c.store else { panic!("not redis") };
+        let StoreConfig::Redis { url, .. } = &c.store else {
+            panic!("not redis")
+        };
         assert_eq!(url, "rediss://sse:p%40ss%3Aw%2Frd@cache:6379/2");
-        assert_eq!(format!("{:?}", c.store), "redis rediss://***@cache:6379/2 (change log ~10000)");
-        let c = cfg(&[("SSE_AUTHENTICATION_TOKEN", "t"), ("REDIS_URL", "redis://h:1/0"), ("REDIS_HOST", "x")]).unwrap();
+        assert_eq!(
+            format!("{:?}", c.store),
+            "redis rediss://***@cache:6379/2 (change log ~10000)"
+        );
+        let c = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_URL", "redis://h:1/0"),
+            ("REDIS_HOST", "x"),
+        ])
+        .unwrap();
         assert!(matches!(c.store, StoreConfig::Redis { ref url, .. } if url == "redis://h:1/0"));
     }
 

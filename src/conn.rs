@@ -226,8 +226,14 @@ impl Stream {
 
     /// Bytes queued in user space.
     pub fn pending_bytes(&self) -> usize {
-        let cur = self.out.as_ref().map_or(0, |(p, pos)| p.bytes(self.chunked).len() - *pos as usize);
-        cur + self.next.as_ref().map_or(0, |p| p.bytes(self.chunked).len())
+        let cur = self
+            .out
+            .as_ref()
+            .map_or(0, |(p, pos)| p.bytes(self.chunked).len() - *pos as usize);
+        cur + self
+            .next
+            .as_ref()
+            .map_or(0, |p| p.bytes(self.chunked).len())
     }
 
     /// Whether the queued output ends the stream.

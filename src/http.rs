@@ -54,9 +54,14 @@ impl fmt::Display for HttpError {
             HttpError::PayloadTooLarge => write!(f, "request body is larger than {MAX_BODY} bytes"),
             HttpError::ExpectationFailed => f.write_str("only Expect: 100-continue is supported"),
             HttpError::HeadersTooLarge => {
-                write!(f, "request head is larger than {MAX_HEAD} bytes or has over {MAX_HEADERS} headers")
+                write!(
+                    f,
+                    "request head is larger than {MAX_HEAD} bytes or has over {MAX_HEADERS} headers"
+                )
             }
-            HttpError::VersionNotSupported => f.write_str("only HTTP/1.0 and HTTP/1.1 are supported"),
+            HttpError::VersionNotSupported => {
+                f.write_str("only HTTP/1.0 and HTTP/1.1 are supported")
+            }
         }
     }
 }
@@ -149,7 +154,9 @@ impl Route {
             (_, Method::Options) => !matches!(self, Route::NotFound),
             (Route::Stream(_), Method::Get) => true,
             (Route::QueueChange(_), Method::Post) => true,
-            (Route::Liveness | Route::Readiness | Route::Metrics, Method::Get | Method::Head) => true,
+            (Route::Liveness | Route::Readiness | Route::Metrics, Method::Get | Method::Head) => {
+                true
+            }
             _ => false,
         }
     }
@@ -158,7 +165,9 @@ impl Route {
 /// An environment key: `[A-Za-z0-9._-]`, 1 to 128 bytes.
 pub fn valid_key(key: &str) -> bool {
     (1..=128).contains(&key.len())
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// A parsed request head.
@@ -191,7 +200,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
-            return if buf.len() > MAX_HEAD { Err(HttpError::HeadersTooLarge) } else { Ok(None) };
+            return if buf.len() > MAX_HEAD {
+                Err(HttpError::HeadersTooLarge)
+            } else {
+                Ok(None)
+            };
         }
         Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadersTooLarge),
         Err(httparse::Error::Version) => {
@@ -238,7 +251,9 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
             if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(HttpError::BadRequest("invalid Content-Length"));
             }
-            let n: usize = v.parse().map_err(|_| HttpError::BadRequest("invalid Content-Length"))?;
+            let n: usize = v
+                .parse()
+                .map_err(|_| HttpError::BadRequest("invalid Content-Length"))?;
             if content_length.is_some_and(|m| m != n) {
                 return Err(HttpError::BadRequest("conflicting Content-Length headers"));
             }
@@ -272,11 +287,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     }
     let body = match (content_length, transfer_encoding) {
         (Some(_), Some(_)) => {
-            return Err(HttpError::BadRequest("both Content-Length and Transfer-Encoding"));
+            return Err(HttpError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ));
         }
         (None, Some(te)) => {
             if !te.trim_ascii().eq_ignore_ascii_case(b"chunked") || minor == 0 {
-                return Err(HttpError::BadRequest("unsupported Transfer-Encoding (only chunked)"));
+                return Err(HttpError::BadRequest(
+                    "unsupported Transfer-Encoding (only chunked)",
+                ));
             }
             BodyFraming::Chunked
         }
@@ -358,7 +377,11 @@ fn parse_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
 }
 
 fn partial_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
-    if buf.len() > MAX_CHUNKED_WIRE { Err(HttpError::PayloadTooLarge) } else { Ok(None) }
+    if buf.len() > MAX_CHUNKED_WIRE {
+        Err(HttpError::PayloadTooLarge)
+    } else {
+        Ok(None)
+    }
 }
 
 /// Compares two byte strings in time that depends only on their lengths.
@@ -406,7 +429,14 @@ pub fn reason(status: u16) -> &'static str {
 ///
 /// `extra` is a block of additional header lines, each ending in CRLF. With `head_only` the body
 /// is left out but its length is still announced (a response to HEAD).
-pub fn response(status: u16, content_type: &str, extra: &str, body: &[u8], keep_alive: bool, head_only: bool) -> Vec<u8> {
+pub fn response(
+    status: u16,
+    content_type: &str,
+    extra: &str,
+    body: &[u8],
+    keep_alive: bool,
+    head_only: bool,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(192 + extra.len() + body.len());
     out.extend_from_slice(
         format!(
@@ -442,7 +472,14 @@ pub fn detail_json(detail: &str) -> Vec<u8> {
 
 /// The response for a refused request; it always closes the connection.
 pub fn error_response(e: &HttpError) -> Vec<u8> {
-    response(e.status(), "application/json", "", &detail_json(&e.to_string()), false, false)
+    response(
+        e.status(),
+        "application/json",
+        "",
+        &detail_json(&e.to_string()),
+        false,
+        false,
+    )
 }
 
 #[cfg(test)]
@@ -476,7 +513,11 @@ mod tests {
         }
         let chunked = b"5;ext=1\r\nhel\r\n\r\n2\r\nlo\r\n0\r\nTrailer: x\r\n\r\n";
         for n in 0..chunked.len() {
-            assert_eq!(parse_body(BodyFraming::Chunked, &chunked[..n]), Ok(None), "chunked prefix {n}");
+            assert_eq!(
+                parse_body(BodyFraming::Chunked, &chunked[..n]),
+                Ok(None),
+                "chunked prefix {n}"
+            );
         }
         let (body, used) = parse_body(BodyFraming::Chunked, chunked).unwrap().unwrap();
         assert_eq!((body.as_slice(), used), (&b"hel\r\nlo"[..], chunked.len()));
@@ -486,8 +527,14 @@ mod tests {
     fn routes() {
         let table = [
             ("/sse/environments/abc/stream", Route::Stream("abc".into())),
-            ("/sse/environments/A-b_c.9/stream?since=1", Route::Stream("A-b_c.9".into())),
-            ("/sse/environments/abc/queue-change", Route::QueueChange("abc".into())),
+            (
+                "/sse/environments/A-b_c.9/stream?since=1",
+                Route::Stream("A-b_c.9".into()),
+            ),
+            (
+                "/sse/environments/abc/queue-change",
+                Route::QueueChange("abc".into()),
+            ),
             ("/sse/environments//stream", Route::NotFound),
             ("/sse/environments/a%20b/stream", Route::NotFound),
             ("/sse/environments/abc/other", Route::NotFound),
@@ -510,11 +557,23 @@ mod tests {
     #[test]
     fn refuses_smuggling_and_garbage() {
         let table: &[(&[u8], u16)] = &[
-            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                400,
+            ),
             (b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+                400,
+            ),
             (b"POST / HTTP/1.1\r\nContent-Length: 70000\r\n\r\n", 413),
             (b"GET / HTTP/1.1\r\nExpect: something\r\n\r\n", 417),
             (b"GET / HTTP/2.0\r\n\r\n", 400),
@@ -526,7 +585,10 @@ mod tests {
             assert_eq!(e.status(), *status, "{}: {e}", String::from_utf8_lossy(req));
         }
         let same_twice = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
-        assert_eq!(parse_head(same_twice).unwrap().unwrap().body, BodyFraming::Length(3));
+        assert_eq!(
+            parse_head(same_twice).unwrap().unwrap().body,
+            BodyFraming::Length(3)
+        );
         assert_eq!(
             parse_body(BodyFraming::Chunked, b"zz\r\n"),
             Err(HttpError::BadRequest("malformed chunk size"))

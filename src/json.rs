@@ -29,7 +29,10 @@ impl fmt::Display for BodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BodyError::Json(what, at) => {
-                write!(f, "request body is not valid JSON: expected {what} at byte {at}")
+                write!(
+                    f,
+                    "request body is not valid JSON: expected {what} at byte {at}"
+                )
             }
             BodyError::NotObject => f.write_str("request body must be a JSON object"),
             BodyError::Missing => f.write_str("request body has no updated_at field"),
@@ -97,7 +100,11 @@ impl Parser<'_> {
     }
 
     fn end(&self) -> Result<(), BodyError> {
-        if self.i == self.s.len() { Ok(()) } else { self.err("end of input") }
+        if self.i == self.s.len() {
+            Ok(())
+        } else {
+            self.err("end of input")
+        }
     }
 
     fn expect(&mut self, b: u8, what: &'static str) -> Result<(), BodyError> {
@@ -347,13 +354,27 @@ mod tests {
         let ok: &[(&[u8], i64)] = &[
             (br#"{"updated_at": "2025-01-12T18:06:42.028060+00:00"}"#, T),
             (br#"{"updated_at":"2025-01-12T18:06:42.028060Z"}"#, T),
-            (br#" { "other": [1, {"a": null}], "updated_at" : 1736705202.02806 } "#, T),
-            (br#"{"updated_at": "x", "updated_at": "2025-01-12T18:06:42.028060"}"#, T),
+            (
+                br#" { "other": [1, {"a": null}], "updated_at" : 1736705202.02806 } "#,
+                T,
+            ),
+            (
+                br#"{"updated_at": "x", "updated_at": "2025-01-12T18:06:42.028060"}"#,
+                T,
+            ),
             (br#"{"updated_at": "2025\u002d01-12T18:06:42.028060"}"#, T),
-            (br#"{"\u00e9t\u00e9": "\ud83d\ude00", "updated_at": 1736705202.02806}"#, T),
+            (
+                br#"{"\u00e9t\u00e9": "\ud83d\ude00", "updated_at": 1736705202.02806}"#,
+                T,
+            ),
         ];
         for (body, want) in ok {
-            assert_eq!(parse_queue_change(body), Ok(*want), "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                parse_queue_change(body),
+                Ok(*want),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -367,8 +388,14 @@ mod tests {
             (b"\"2025-01-12\"", "must be a JSON object"),
             (b"{}", "no updated_at"),
             (b"{\"updated\": 1}", "no updated_at"),
-            (b"{\"updated_at\": null}", "ISO-8601 date-time string or a number"),
-            (b"{\"updated_at\": true}", "ISO-8601 date-time string or a number"),
+            (
+                b"{\"updated_at\": null}",
+                "ISO-8601 date-time string or a number",
+            ),
+            (
+                b"{\"updated_at\": true}",
+                "ISO-8601 date-time string or a number",
+            ),
             (b"{\"updated_at\": \"soon\"}", "not a valid date-time"),
             (b"{\"updated_at\": -5}", "not a valid date-time"),
             (b"{\"updated_at\": 01}", "not valid JSON"),
@@ -388,6 +415,9 @@ mod tests {
     fn deep_nesting_is_refused_not_a_stack_overflow() {
         let mut body = b"{\"a\": ".to_vec();
         body.extend(std::iter::repeat_n(b'[', 100_000));
-        assert!(matches!(parse_queue_change(&body), Err(BodyError::Json(..))));
+        assert!(matches!(
+            parse_queue_change(&body),
+            Err(BodyError::Json(..))
+        ));
     }
 }

@@ -44,7 +44,9 @@ fn run() -> i32 {
     }
     log::info!("flagsmith-sse {} starting", env!("CARGO_PKG_VERSION"));
     if matches!(cfg.store, config::StoreConfig::Embedded) {
-        log::info!("no REDIS_URL or REDIS_HOST: using the embedded in-memory store (one instance, nothing shared)");
+        log::info!(
+            "no REDIS_URL or REDIS_HOST: using the embedded in-memory store (one instance, nothing shared)"
+        );
     }
     log::info!("configuration: {cfg:?}");
     let server = match Server::new(cfg) {
@@ -65,8 +67,14 @@ fn run() -> i32 {
 
 /// Probes `/health/liveness/` on the configured port: exit 0 when it answers 200, else 1.
 fn healthcheck() -> i32 {
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.trim().parse().ok()).unwrap_or(8000);
-    let host = match std::env::var("BIND_ADDRESS").ok().and_then(|a| a.trim().parse().ok()) {
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or(8000);
+    let host = match std::env::var("BIND_ADDRESS")
+        .ok()
+        .and_then(|a| a.trim().parse().ok())
+    {
         Some(std::net::IpAddr::V4(a)) if !a.is_unspecified() => std::net::IpAddr::V4(a),
         Some(std::net::IpAddr::V6(a)) if !a.is_unspecified() => std::net::IpAddr::V6(a),
         Some(std::net::IpAddr::V6(_)) => std::net::IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
@@ -77,7 +85,9 @@ fn healthcheck() -> i32 {
         let mut s = TcpStream::connect_timeout(&SocketAddr::new(host, port), timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        s.write_all(b"GET /health/liveness/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        s.write_all(
+            b"GET /health/liveness/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )?;
         let mut head = [0u8; 12];
         s.read_exact(&mut head)?;
         Ok(&head == b"HTTP/1.1 200")

@@ -81,8 +81,9 @@ impl Rejection {
 }
 
 /// Upper bounds of the fan-out histogram, in seconds.
-const FANOUT_BUCKETS: [f64; 14] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+const FANOUT_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 /// Everything `/metrics` reports.
 #[derive(Debug, Default)]
@@ -143,34 +144,118 @@ impl Metrics {
     pub fn render(&self, g: &Gauges) -> String {
         let mut s = String::with_capacity(4096);
         let gauge = |s: &mut String, name: &str, help: &str, kind: &str, value: String| {
-            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+            let _ = write!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
         };
-        gauge(&mut s, "flagsmith_sse_subscribers_active", "Open event streams.", "gauge", g.subscribers_active.to_string());
-        gauge(&mut s, "flagsmith_sse_connections_open", "Open client connections.", "gauge", g.connections_open.to_string());
-        gauge(&mut s, "flagsmith_sse_subscribers_total", "Event streams opened since start.", "counter", self.subscribers_total.to_string());
-        gauge(&mut s, "flagsmith_sse_events_sent_total", "Update events written to subscribers.", "counter", self.events_sent_total.to_string());
-        gauge(&mut s, "flagsmith_sse_pings_sent_total", "Keep-alive comments written to subscribers.", "counter", self.pings_sent_total.to_string());
-        gauge(&mut s, "flagsmith_sse_environments_cached", "Environments whose update time is known.", "gauge", g.environments_cached.to_string());
-        gauge(&mut s, "flagsmith_sse_last_fetch_age_seconds", "Seconds since the last successful fetch from the store.", "gauge", format!("{:.3}", g.last_fetch_age_seconds));
-        gauge(&mut s, "flagsmith_sse_store_ready", "1 if the store answered its last fetch.", "gauge", u8::from(g.store_ready).to_string());
-        let _ = write!(s, "# HELP flagsmith_sse_queue_changes_total Queue-change requests by result.\n# TYPE flagsmith_sse_queue_changes_total counter\n");
+        gauge(
+            &mut s,
+            "flagsmith_sse_subscribers_active",
+            "Open event streams.",
+            "gauge",
+            g.subscribers_active.to_string(),
+        );
+        gauge(
+            &mut s,
+            "flagsmith_sse_connections_open",
+            "Open client connections.",
+            "gauge",
+            g.connections_open.to_string(),
+        );
+        gauge(
+            &mut s,
+            "flagsmith_sse_subscribers_total",
+            "Event streams opened since start.",
+            "counter",
+            self.subscribers_total.to_string(),
+        );
+        gauge(
+            &mut s,
+            "flagsmith_sse_events_sent_total",
+            "Update events written to subscribers.",
+            "counter",
+            self.events_sent_total.to_string(),
+        );
+        gauge(
+            &mut s,
+            "flagsmith_sse_pings_sent_total",
+            "Keep-alive comments written to subscribers.",
+            "counter",
+            self.pings_sent_total.to_string(),
+        );
+        gauge(
+            &mut s,
+            "flagsmith_sse_environments_cached",
+            "Environments whose update time is known.",
+            "gauge",
+            g.environments_cached.to_string(),
+        );
+        gauge(
+            &mut s,
+            "flagsmith_sse_last_fetch_age_seconds",
+            "Seconds since the last successful fetch from the store.",
+            "gauge",
+            format!("{:.3}", g.last_fetch_age_seconds),
+        );
+        gauge(
+            &mut s,
+            "flagsmith_sse_store_ready",
+            "1 if the store answered its last fetch.",
+            "gauge",
+            u8::from(g.store_ready).to_string(),
+        );
+        let _ = write!(
+            s,
+            "# HELP flagsmith_sse_queue_changes_total Queue-change requests by result.\n# TYPE flagsmith_sse_queue_changes_total counter\n"
+        );
         for r in QueueResult::ALL {
-            let _ = writeln!(s, "flagsmith_sse_queue_changes_total{{result=\"{}\"}} {}", r.label(), self.queue_changes[r as usize]);
+            let _ = writeln!(
+                s,
+                "flagsmith_sse_queue_changes_total{{result=\"{}\"}} {}",
+                r.label(),
+                self.queue_changes[r as usize]
+            );
         }
-        let _ = write!(s, "# HELP flagsmith_sse_connections_rejected_total Connections and subscriptions refused, by reason.\n# TYPE flagsmith_sse_connections_rejected_total counter\n");
+        let _ = write!(
+            s,
+            "# HELP flagsmith_sse_connections_rejected_total Connections and subscriptions refused, by reason.\n# TYPE flagsmith_sse_connections_rejected_total counter\n"
+        );
         for r in Rejection::ALL {
-            let _ = writeln!(s, "flagsmith_sse_connections_rejected_total{{reason=\"{}\"}} {}", r.label(), self.rejected[r as usize]);
+            let _ = writeln!(
+                s,
+                "flagsmith_sse_connections_rejected_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.rejected[r as usize]
+            );
         }
-        let _ = write!(s, "# HELP flagsmith_sse_redis_commands_total Store commands sent, by command.\n# TYPE flagsmith_sse_redis_commands_total counter\n");
+        let _ = write!(
+            s,
+            "# HELP flagsmith_sse_redis_commands_total Store commands sent, by command.\n# TYPE flagsmith_sse_redis_commands_total counter\n"
+        );
         for (cmd, st) in &self.store_commands {
-            let _ = writeln!(s, "flagsmith_sse_redis_commands_total{{command=\"{cmd}\"}} {}", st.sent);
+            let _ = writeln!(
+                s,
+                "flagsmith_sse_redis_commands_total{{command=\"{cmd}\"}} {}",
+                st.sent
+            );
         }
-        let _ = write!(s, "# HELP flagsmith_sse_redis_errors_total Store commands failed, by command.\n# TYPE flagsmith_sse_redis_errors_total counter\n");
+        let _ = write!(
+            s,
+            "# HELP flagsmith_sse_redis_errors_total Store commands failed, by command.\n# TYPE flagsmith_sse_redis_errors_total counter\n"
+        );
         for (cmd, st) in &self.store_commands {
-            let _ = writeln!(s, "flagsmith_sse_redis_errors_total{{command=\"{cmd}\"}} {}", st.failed);
+            let _ = writeln!(
+                s,
+                "flagsmith_sse_redis_errors_total{{command=\"{cmd}\"}} {}",
+                st.failed
+            );
         }
         let name = "flagsmith_sse_fanout_duration_seconds";
-        let _ = write!(s, "# HELP {name} Time from an update entering the cache to its last socket write.\n# TYPE {name} histogram\n");
+        let _ = write!(
+            s,
+            "# HELP {name} Time from an update entering the cache to its last socket write.\n# TYPE {name} histogram\n"
+        );
         for (le, n) in FANOUT_BUCKETS.iter().zip(self.fanout_counts) {
             let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {n}");
         }

@@ -137,9 +137,13 @@ fn ms(d: Duration) -> u64 {
 pub fn open_store(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
     match cfg {
         StoreConfig::Embedded => Ok(Box::new(store::MemoryStore::default())),
-        StoreConfig::Redis { url, changelog_maxlen } => {
-            Ok(Box::new(store::redis::RedisStore::new(url, *changelog_maxlen)?))
-        }
+        StoreConfig::Redis {
+            url,
+            changelog_maxlen,
+        } => Ok(Box::new(store::redis::RedisStore::new(
+            url,
+            *changelog_maxlen,
+        )?)),
     }
 }
 
@@ -150,7 +154,9 @@ impl Server {
         let derived = nofile.saturating_sub(RESERVED_FDS).max(1) as usize;
         let max_conns = match cfg.max_connections {
             Some(n) if n > derived => {
-                warn!("MAX_CONNECTIONS={n} is above what the open-file limit ({nofile}) allows; using {derived}");
+                warn!(
+                    "MAX_CONNECTIONS={n} is above what the open-file limit ({nofile}) allows; using {derived}"
+                );
                 derived
             }
             Some(n) => n,
@@ -160,9 +166,14 @@ impl Server {
         let poll = Poll::new()?;
         let std_listener = sys::listen(cfg.bind, cfg.reuse_port)?;
         let mut listener = TcpListener::from_std(std_listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let signals = sys::SignalFd::install()?;
-        poll.registry().register(&mut SourceFd(&signals.as_raw_fd()), SIGNAL, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&signals.as_raw_fd()),
+            SIGNAL,
+            Interest::READABLE,
+        )?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let store = open_store(&cfg.store).map_err(|e| io::Error::other(e.to_string()))?;
         info!("using {}", store.describe());
@@ -270,7 +281,10 @@ impl Server {
                     return Ok(());
                 }
                 if self.now() > at + ms(self.cfg.shutdown_grace) + SHUTDOWN_SLACK_MS {
-                    warn!("{} connections still open after the shutdown grace period; exiting", self.conns.len());
+                    warn!(
+                        "{} connections still open after the shutdown grace period; exiting",
+                        self.conns.len()
+                    );
                     return Ok(());
                 }
             }
@@ -291,7 +305,9 @@ impl Server {
             next = next.min(at + ms(self.cfg.shutdown_grace) + SHUTDOWN_SLACK_MS);
         }
         // Round up so that a deadline is never woken for a millisecond early.
-        Some(Duration::from_millis(next.saturating_sub(now).min(60_000) + u64::from(next > now)))
+        Some(Duration::from_millis(
+            next.saturating_sub(now).min(60_000) + u64::from(next > now),
+        ))
     }
 
     // ----- accepting -----------------------------------------------------------------------
@@ -316,7 +332,12 @@ impl Server {
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
                     self.metrics.reject(Rejection::NoDescriptors);
                     // Free the reserve descriptor to take the client off the queue and tell it.
                     if let Some(spare) = self.spare_fd.take() {
@@ -344,7 +365,11 @@ impl Server {
     fn add_conn(&mut self, mut sock: TcpStream) {
         let _ = sock.set_nodelay(true);
         let token = self.conns.vacant_key();
-        if let Err(e) = self.poll.registry().register(&mut sock, Token(token), Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            Token(token),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             warn!("register: {e}");
             return;
         }
@@ -370,7 +395,8 @@ impl Server {
         if let Some(c) = self.conns.get_mut(token) {
             if at < c.timer_at {
                 c.timer_at = at;
-                self.timers.push(Reverse((at, Timer::Conn(token, c.serial))));
+                self.timers
+                    .push(Reverse((at, Timer::Conn(token, c.serial))));
             }
         }
     }
@@ -383,7 +409,11 @@ impl Server {
                 self.fetch_in_flight = true;
             }
             // A slow fetch makes the next one skip rather than queue up.
-            self.next_fetch_at = if self.next_fetch_at + interval > now { self.next_fetch_at + interval } else { now + interval };
+            self.next_fetch_at = if self.next_fetch_at + interval > now {
+                self.next_fetch_at + interval
+            } else {
+                now + interval
+            };
         }
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
             if at > now {
@@ -392,7 +422,9 @@ impl Server {
             self.timers.pop();
             match timer {
                 Timer::Conn(token, serial) => {
-                    let Some(c) = self.conns.get_mut(token) else { continue };
+                    let Some(c) = self.conns.get_mut(token) else {
+                        continue;
+                    };
                     if c.serial != serial || c.timer_at != at {
                         continue;
                     }
@@ -400,7 +432,9 @@ impl Server {
                     self.conn_timer(token, now);
                 }
                 Timer::Env(id) => {
-                    let Some(env) = self.envs.get_mut(id as usize) else { continue };
+                    let Some(env) = self.envs.get_mut(id as usize) else {
+                        continue;
+                    };
                     if env.timer_at != at {
                         continue;
                     }
@@ -415,7 +449,9 @@ impl Server {
 
     fn conn_timer(&mut self, token: usize, now: u64) {
         let keepalive = ms(self.cfg.keepalive);
-        let Some(c) = self.conns.get_mut(token) else { return };
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
         match &mut c.state {
             State::Http(h) => {
                 if h.awaiting_store {
@@ -447,7 +483,9 @@ impl Server {
                     s.enqueue(Piece::End);
                 }
                 let ping_due = s.last_write + keepalive - jitter(c.serial, keepalive);
-                let check_due = s.stall_mark.map_or(ping_due, |(t0, _)| (t0 + keepalive).min(ping_due));
+                let check_due = s
+                    .stall_mark
+                    .map_or(ping_due, |(t0, _)| (t0 + keepalive).min(ping_due));
                 if now >= check_due {
                     let queued = sys::unacked_bytes(&c.sock).unwrap_or(0) as u64;
                     let pending = queued + s.pending_bytes() as u64;
@@ -490,7 +528,9 @@ impl Server {
 
     /// Reads and drops whatever a subscriber sends; EOF or an error ends the stream.
     fn discard_input(&mut self, token: usize) {
-        let Some(c) = self.conns.get_mut(token) else { return };
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
         for _ in 0..MAX_READS_PER_TURN {
             if !c.readable {
                 return;
@@ -512,8 +552,12 @@ impl Server {
     /// Writes what a subscriber has queued and handles the outcome.
     fn flush_stream(&mut self, token: usize, now: u64) {
         let keepalive = ms(self.cfg.keepalive);
-        let Some(c) = self.conns.get_mut(token) else { return };
-        let State::Stream(s) = &mut c.state else { return };
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        let State::Stream(s) = &mut c.state else {
+            return;
+        };
         match s.flush(&mut c.sock, now) {
             Io::Done if s.finished => self.linger(token, Vec::new()),
             Io::Done => {
@@ -543,8 +587,12 @@ impl Server {
     }
 
     fn drive_closing(&mut self, token: usize) {
-        let Some(c) = self.conns.get_mut(token) else { return };
-        let State::Closing(cl) = &mut c.state else { return };
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        let State::Closing(cl) = &mut c.state else {
+            return;
+        };
         if cl.out_pos < cl.out.len() {
             let (n, io) = conn::write_all_nb(&mut c.sock, &cl.out[cl.out_pos..]);
             cl.out_pos += n;
@@ -579,12 +627,21 @@ impl Server {
     /// Turns the connection into a closing one that writes `out`, then hangs up gracefully.
     fn linger(&mut self, token: usize, out: Vec<u8>) {
         let deadline = self.now() + LINGER_MS;
-        let Some(c) = self.conns.get_mut(token) else { return };
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
         if let State::Stream(_) = c.state {
             self.unsubscribe(token);
         }
-        let Some(c) = self.conns.get_mut(token) else { return };
-        c.state = State::Closing(Closing { out, out_pos: 0, shut: false, deadline });
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        c.state = State::Closing(Closing {
+            out,
+            out_pos: 0,
+            shut: false,
+            deadline,
+        });
         self.schedule(token, deadline);
         self.drive_closing(token);
     }
@@ -592,7 +649,10 @@ impl Server {
     /// Answers a refused request and closes the connection.
     fn fail(&mut self, token: usize, e: &HttpError) {
         debug!("refusing a request: {e}");
-        if matches!(e, HttpError::BadRequest(_) | HttpError::HeadersTooLarge | HttpError::VersionNotSupported) {
+        if matches!(
+            e,
+            HttpError::BadRequest(_) | HttpError::HeadersTooLarge | HttpError::VersionNotSupported
+        ) {
             self.metrics.reject(Rejection::BadRequest);
         }
         let mut out = Vec::new();
@@ -607,7 +667,9 @@ impl Server {
 
     fn drive_http(&mut self, token: usize, now: u64) {
         for _ in 0..MAX_STEPS_PER_TURN {
-            let Some(c) = self.conns.get_mut(token) else { return };
+            let Some(c) = self.conns.get_mut(token) else {
+                return;
+            };
             let step = http_step(c, &mut self.scratch);
             match step {
                 Step::Wait => return,
@@ -647,7 +709,9 @@ impl Server {
     /// A head arrived and its body has not: refuse early what will be refused anyway, and
     /// send `100 Continue` when the client waits for it.
     fn check_head(&mut self, token: usize) {
-        let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) else { return };
+        let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) else {
+            return;
+        };
         let Some(head) = &h.head else { return };
         if let (Route::QueueChange(_), Method::Post) = (&head.route, head.method) {
             if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) {
@@ -656,7 +720,11 @@ impl Server {
                 return self.linger(token, out);
             }
         }
-        if head.expect_continue && !h.continued && h.buf.is_empty() && head.body != BodyFraming::None {
+        if head.expect_continue
+            && !h.continued
+            && h.buf.is_empty()
+            && head.body != BodyFraming::None
+        {
             h.continued = true;
             h.respond(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
@@ -665,7 +733,16 @@ impl Server {
     fn dispatch(&mut self, token: usize, head: &Head, body: &[u8], now: u64) {
         let keep_alive = head.keep_alive && self.shutdown_at.is_none();
         let head_only = head.method == Method::Head;
-        let json = |status: u16, extra: &str, body: &[u8]| http::response(status, "application/json", extra, body, keep_alive, head_only);
+        let json = |status: u16, extra: &str, body: &[u8]| {
+            http::response(
+                status,
+                "application/json",
+                extra,
+                body,
+                keep_alive,
+                head_only,
+            )
+        };
         let out = match (&head.route, head.method) {
             (Route::NotFound, _) => json(404, "", &http::detail_json("not found")),
             (route, Method::Options) => {
@@ -680,26 +757,44 @@ impl Server {
                 );
                 http::response(204, "text/plain", &extra, b"", keep_alive, true)
             }
-            (route, m) if !route.allows(m) => {
-                json(405, &format!("Allow: {}\r\n", route.allow()), &http::detail_json("method not allowed"))
-            }
+            (route, m) if !route.allows(m) => json(
+                405,
+                &format!("Allow: {}\r\n", route.allow()),
+                &http::detail_json("method not allowed"),
+            ),
             (Route::Liveness, _) => json(200, "", b"{\"status\": \"ok\"}"),
             (Route::Readiness, _) => {
                 if self.store_ready {
                     json(200, "", b"{\"status\": \"ok\"}")
                 } else {
-                    json(503, "Retry-After: 1\r\n", &http::detail_json("store unavailable"))
+                    json(
+                        503,
+                        "Retry-After: 1\r\n",
+                        &http::detail_json("store unavailable"),
+                    )
                 }
             }
             (Route::Metrics, _) => {
                 let text = self.metrics.render(&self.gauges(now));
-                http::response(200, "text/plain; version=0.0.4; charset=utf-8", "", text.as_bytes(), keep_alive, head_only)
+                http::response(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    "",
+                    text.as_bytes(),
+                    keep_alive,
+                    head_only,
+                )
             }
             (Route::Stream(key), _) => {
-                let stale = now.saturating_sub(self.last_fetch_ok) > 3 * ms(self.cfg.cache_update_interval).max(1);
+                let stale = now.saturating_sub(self.last_fetch_ok)
+                    > 3 * ms(self.cfg.cache_update_interval).max(1);
                 if stale && !self.store_ready {
                     self.metrics.reject(Rejection::StoreUnavailable);
-                    json(503, "Retry-After: 1\r\n", &http::detail_json("store unavailable"))
+                    json(
+                        503,
+                        "Retry-After: 1\r\n",
+                        &http::detail_json("store unavailable"),
+                    )
                 } else {
                     return self.subscribe(token, key, head.minor == 1, now);
                 }
@@ -715,8 +810,13 @@ impl Server {
                             json(400, "", &http::detail_json(&e.to_string()))
                         }
                         Ok(time) => {
-                            let Some(c) = self.conns.get_mut(token) else { return };
-                            let change = Change { key: key.clone(), time };
+                            let Some(c) = self.conns.get_mut(token) else {
+                                return;
+                            };
+                            let change = Change {
+                                key: key.clone(),
+                                time,
+                            };
                             if self.helper.send(Command::Write((token, c.serial), change)) {
                                 if let State::Http(h) = &mut c.state {
                                     h.awaiting_store = true;
@@ -724,7 +824,11 @@ impl Server {
                                 return;
                             }
                             self.metrics.queue_change(QueueResult::Unavailable);
-                            json(503, "Retry-After: 1\r\n", &http::detail_json("store unavailable"))
+                            json(
+                                503,
+                                "Retry-After: 1\r\n",
+                                &http::detail_json("store unavailable"),
+                            )
                         }
                     }
                 }
@@ -771,12 +875,20 @@ impl Server {
             Some(age) => {
                 let age = ms(age);
                 let spread = age / 5;
-                let jitter = if spread > 0 { self.random() % (spread + 1) } else { 0 };
+                let jitter = if spread > 0 {
+                    self.random() % (spread + 1)
+                } else {
+                    0
+                };
                 now + age - age / 10 + jitter
             }
         };
-        let Some(env) = self.envs.get_mut(env_id as usize) else { return };
-        let Some(c) = self.conns.get_mut(token) else { return };
+        let Some(env) = self.envs.get_mut(env_id as usize) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
         let _ = sys::set_send_buffer(&c.sock, STREAM_SNDBUF);
         let pos = env.subs.len() as u32;
         env.subs.push(token);
@@ -811,11 +923,15 @@ impl Server {
 
     /// Removes a stream connection from its environment's subscriber list.
     fn unsubscribe(&mut self, token: usize) {
-        let Some(c) = self.conns.get(token) else { return };
+        let Some(c) = self.conns.get(token) else {
+            return;
+        };
         let State::Stream(s) = &c.state else { return };
         let (env_id, pos) = (s.env, s.pos as usize);
         self.streams -= 1;
-        let Some(env) = self.envs.get_mut(env_id as usize) else { return };
+        let Some(env) = self.envs.get_mut(env_id as usize) else {
+            return;
+        };
         if env.subs.get(pos) == Some(&token) {
             env.subs.swap_remove(pos);
             if let Some(&moved) = env.subs.get(pos) {
@@ -835,7 +951,9 @@ impl Server {
     fn apply_time(&mut self, key: &str, time: Micros, now: u64) {
         let id = self.env_id(key, now);
         let delay = ms(self.cfg.stream_delay);
-        let Some(env) = self.envs.get_mut(id as usize) else { return };
+        let Some(env) = self.envs.get_mut(id as usize) else {
+            return;
+        };
         if env.time.is_some_and(|t| t >= time) {
             return;
         }
@@ -855,7 +973,9 @@ impl Server {
     /// Writes the environment's newest time to every subscriber that has not had it.
     fn broadcast(&mut self, id: u32, now: u64) {
         let delay = ms(self.cfg.stream_delay);
-        let Some(env) = self.envs.get_mut(id as usize) else { return };
+        let Some(env) = self.envs.get_mut(id as usize) else {
+            return;
+        };
         let Some(time) = env.time else { return };
         env.pending = false;
         env.window_end = now + delay;
@@ -867,8 +987,12 @@ impl Server {
         env.event = Some(event.clone());
         let mut troubled = Vec::new();
         for &token in &env.subs {
-            let Some(c) = self.conns.get_mut(token) else { continue };
-            let State::Stream(s) = &mut c.state else { continue };
+            let Some(c) = self.conns.get_mut(token) else {
+                continue;
+            };
+            let State::Stream(s) = &mut c.state else {
+                continue;
+            };
             if s.last_sent >= time || s.ending {
                 continue;
             }
@@ -902,7 +1026,10 @@ impl Server {
                     self.store_ready = true;
                     self.last_fetch_ok = now;
                     if fetched.snapshot {
-                        debug!("loaded a snapshot of {} environments", fetched.changes.len());
+                        debug!(
+                            "loaded a snapshot of {} environments",
+                            fetched.changes.len()
+                        );
                     }
                     for ch in fetched.changes {
                         self.apply_time(&ch.key, ch.time, now);
@@ -941,9 +1068,17 @@ impl Server {
     }
 
     /// Answers a queue-change whose write the store finished (if the client is still there).
-    fn finish_write(&mut self, token: usize, serial: u64, out: Result<Vec<u8>, StoreError>, now: u64) {
+    fn finish_write(
+        &mut self,
+        token: usize,
+        serial: u64,
+        out: Result<Vec<u8>, StoreError>,
+        now: u64,
+    ) {
         let keep_alive = self.shutdown_at.is_none();
-        let Some(c) = self.conns.get_mut(token) else { return };
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
         if c.serial != serial {
             return;
         }
@@ -952,7 +1087,14 @@ impl Server {
         let keep_alive = keep_alive && !h.close_after;
         let resp = match out {
             Ok(body) => http::response(200, "application/json", "", &body, keep_alive, false),
-            Err(e) => http::response(503, "application/json", "Retry-After: 1\r\n", &http::detail_json(&e.to_string()), keep_alive, false),
+            Err(e) => http::response(
+                503,
+                "application/json",
+                "Retry-After: 1\r\n",
+                &http::detail_json(&e.to_string()),
+                keep_alive,
+                false,
+            ),
         };
         h.respond(&resp);
         let deadline = h.deadline;
@@ -967,7 +1109,10 @@ impl Server {
             return;
         }
         let now = self.now();
-        info!("shutting down: ending {} streams over {:?}", self.streams, self.cfg.shutdown_grace);
+        info!(
+            "shutting down: ending {} streams over {:?}",
+            self.streams, self.cfg.shutdown_grace
+        );
         self.shutdown_at = Some(now);
         self.listener = None;
         self.listener_ready = false;
@@ -975,7 +1120,9 @@ impl Server {
         let tokens: Vec<usize> = self.conns.keys().collect();
         for token in tokens {
             let end = now + if grace > 0 { self.random() % grace } else { 0 };
-            let Some(c) = self.conns.get_mut(token) else { continue };
+            let Some(c) = self.conns.get_mut(token) else {
+                continue;
+            };
             match &mut c.state {
                 State::Stream(s) => {
                     s.end_at = s.end_at.min(end);
@@ -1020,7 +1167,14 @@ fn unauthorized() -> Vec<u8> {
 }
 
 fn unauthorized_keep(keep_alive: bool) -> Vec<u8> {
-    http::response(401, "application/json", "WWW-Authenticate: Token\r\n", b"{\"detail\": \"Invalid authorization header\"}", keep_alive, false)
+    http::response(
+        401,
+        "application/json",
+        "WWW-Authenticate: Token\r\n",
+        b"{\"detail\": \"Invalid authorization header\"}",
+        keep_alive,
+        false,
+    )
 }
 
 /// Tells a client that could not be taken on to come back later, without keeping it.
@@ -1057,7 +1211,9 @@ enum Step {
 
 /// One step of an HTTP connection: flush output, parse what is buffered, or read more.
 fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
-    let State::Http(h) = &mut c.state else { return Step::Wait };
+    let State::Http(h) = &mut c.state else {
+        return Step::Wait;
+    };
     match h.flush(&mut c.sock) {
         Io::Done => {}
         Io::WouldBlock => return Step::Wait,
@@ -1091,7 +1247,9 @@ fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
                 if h.buf.is_empty() {
                     h.buf = Vec::new();
                 }
-                let Some(head) = h.head.take() else { return Step::Wait };
+                let Some(head) = h.head.take() else {
+                    return Step::Wait;
+                };
                 return Step::Request(head, body);
             }
             Ok(None) => {}
@@ -1114,7 +1272,9 @@ fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
                 Step::Close(Why::Peer)
             } else {
                 // The peer stopped sending halfway through a request.
-                Step::Fail(HttpError::BadRequest("connection closed before the request was complete"))
+                Step::Fail(HttpError::BadRequest(
+                    "connection closed before the request was complete",
+                ))
             }
         }
         (_, Io::Error(e)) => {

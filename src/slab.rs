@@ -19,7 +19,11 @@ pub struct Slab<T> {
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab { slots: Vec::new(), free: usize::MAX, len: 0 }
+        Slab {
+            slots: Vec::new(),
+            free: usize::MAX,
+            len: 0,
+        }
     }
 }
 
@@ -36,7 +40,11 @@ impl<T> Slab<T> {
 
     /// The key the next `insert` will use.
     pub fn vacant_key(&self) -> usize {
-        if self.free == usize::MAX { self.slots.len() } else { self.free }
+        if self.free == usize::MAX {
+            self.slots.len()
+        } else {
+            self.free
+        }
     }
 
     /// Stores `value` and returns its key.
@@ -85,7 +93,10 @@ impl<T> Slab<T> {
 
     /// Keys of all values held.
     pub fn keys(&self) -> impl Iterator<Item = usize> + '_ {
-        self.slots.iter().enumerate().filter_map(|(k, s)| matches!(s, Slot::Full(_)).then_some(k))
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(k, s)| matches!(s, Slot::Full(_)).then_some(k))
     }
 }
 

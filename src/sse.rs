@@ -54,12 +54,20 @@ impl Event {
         let head = buf.len() as u8;
         buf.extend_from_slice(&text);
         buf.extend_from_slice(b"\r\n");
-        Event { buf: buf.into(), head, time }
+        Event {
+            buf: buf.into(),
+            head,
+            time,
+        }
     }
 
     /// The bytes to write: the chunk for a chunked stream, the bare event otherwise.
     pub fn bytes(&self, chunked: bool) -> &[u8] {
-        if chunked { &self.buf } else { &self.buf[usize::from(self.head)..self.buf.len() - 2] }
+        if chunked {
+            &self.buf
+        } else {
+            &self.buf[usize::from(self.head)..self.buf.len() - 2]
+        }
     }
 }
 
@@ -79,7 +87,11 @@ mod tests {
     #[test]
     fn whole_seconds_keep_a_decimal_point() {
         let e = Event::new(1_735_229_888_000_000);
-        assert!(std::str::from_utf8(e.bytes(false)).unwrap().contains("{\"updated_at\": 1735229888.0}\n"));
+        assert!(
+            std::str::from_utf8(e.bytes(false))
+                .unwrap()
+                .contains("{\"updated_at\": 1735229888.0}\n")
+        );
     }
 
     #[test]

@@ -118,7 +118,10 @@ impl Cursor<'_> {
 /// optionally `Z`/`z` or an offset `±HH[:MM[:SS[.f…]]]` / `±HHMM`. Without an offset the time is
 /// read as UTC. More than six fractional digits are truncated to microseconds.
 pub fn parse_iso8601(text: &str) -> Result<Micros, TimeError> {
-    let mut c = Cursor { s: text.trim().as_bytes(), i: 0 };
+    let mut c = Cursor {
+        s: text.trim().as_bytes(),
+        i: 0,
+    };
     let year = c.digits(4, "a four-digit year (YYYY-MM-DD)")?;
     if !c.eat(b'-') {
         return Err(TimeError::Syntax("'-' after the year (YYYY-MM-DD)"));
@@ -189,13 +192,17 @@ pub fn parse_iso8601(text: &str) -> Result<Micros, TimeError> {
             let off = ((hours * 60 + minutes) * 60 + seconds) * MICROS_PER_SECOND + fraction;
             if sign == b'-' { -off } else { off }
         }
-        Some(_) => return Err(TimeError::Syntax("'Z' or a UTC offset like +00:00 after the time")),
+        Some(_) => {
+            return Err(TimeError::Syntax(
+                "'Z' or a UTC offset like +00:00 after the time",
+            ));
+        }
     };
     if c.i != c.s.len() {
         return Err(TimeError::Syntax("nothing after the UTC offset"));
     }
-    let micros = days_from_civil(year, month, day) * 86_400 * MICROS_PER_SECOND + micros_of_day
-        - offset;
+    let micros =
+        days_from_civil(year, month, day) * 86_400 * MICROS_PER_SECOND + micros_of_day - offset;
     check_bounds(micros)
 }
 
@@ -231,8 +238,15 @@ pub fn parse_epoch_seconds(lexeme: &str) -> Result<Micros, TimeError> {
     if int.len() > 12 {
         return Err(TimeError::OutOfBounds);
     }
-    let mut c = Cursor { s: frac.as_bytes(), i: 0 };
-    let fraction = if lexeme.contains('.') { c.fraction()? } else { 0 };
+    let mut c = Cursor {
+        s: frac.as_bytes(),
+        i: 0,
+    };
+    let fraction = if lexeme.contains('.') {
+        c.fraction()?
+    } else {
+        0
+    };
     if c.i != c.s.len() {
         return Err(TimeError::Syntax(WHAT));
     }

@@ -24,10 +24,23 @@ impl Store for MemoryStore {
         if !self.fetched_once {
             self.fetched_once = true;
             self.log.clear();
-            let changes = self.times.iter().map(|(k, &t)| Change { key: k.clone(), time: t }).collect();
-            return Ok(Fetched { changes, snapshot: true });
+            let changes = self
+                .times
+                .iter()
+                .map(|(k, &t)| Change {
+                    key: k.clone(),
+                    time: t,
+                })
+                .collect();
+            return Ok(Fetched {
+                changes,
+                snapshot: true,
+            });
         }
-        Ok(Fetched { changes: std::mem::take(&mut self.log), snapshot: false })
+        Ok(Fetched {
+            changes: std::mem::take(&mut self.log),
+            snapshot: false,
+        })
     }
 
     fn write(&mut self, batch: &[Change]) -> Result<Vec<Micros>, StoreError> {
@@ -49,18 +62,28 @@ mod tests {
     use super::*;
 
     fn change(key: &str, time: Micros) -> Change {
-        Change { key: key.into(), time }
+        Change {
+            key: key.into(),
+            time,
+        }
     }
 
     #[test]
     fn times_only_move_forward() {
         let mut s = MemoryStore::default();
-        assert_eq!(s.write(&[change("a", 5), change("a", 3), change("b", 1)]).unwrap(), vec![5, 5, 1]);
+        assert_eq!(
+            s.write(&[change("a", 5), change("a", 3), change("b", 1)])
+                .unwrap(),
+            vec![5, 5, 1]
+        );
         let first = s.fetch().unwrap();
         assert!(first.snapshot);
         assert_eq!(first.changes.len(), 2);
         assert!(s.fetch().unwrap().changes.is_empty());
-        assert_eq!(s.write(&[change("a", 7), change("a", 7)]).unwrap(), vec![7, 7]);
+        assert_eq!(
+            s.write(&[change("a", 7), change("a", 7)]).unwrap(),
+            vec![7, 7]
+        );
         let next = s.fetch().unwrap();
         assert!(!next.snapshot);
         assert_eq!(next.changes, vec![change("a", 7)]);

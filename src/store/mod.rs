@@ -110,7 +110,10 @@ pub struct Helper {
 
 impl Helper {
     /// Starts the helper thread running `store`; `wake` is called after each reply is sent.
-    pub fn start(mut store: Box<dyn Store>, wake: impl Fn() + Send + 'static) -> std::io::Result<Helper> {
+    pub fn start(
+        mut store: Box<dyn Store>,
+        wake: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Helper> {
         let (tx, cmd_rx) = mpsc::channel::<Command>();
         let (reply_tx, rx) = mpsc::channel();
         let thread = thread::Builder::new().name("store".into()).spawn(move || {
@@ -123,17 +126,32 @@ impl Helper {
                         Command::Fetch => fetch = true,
                         Command::Write(id, change) => writes.push((id, change)),
                     }
-                    next = if writes.len() < MAX_BATCH { cmd_rx.try_recv().ok() } else { None };
+                    next = if writes.len() < MAX_BATCH {
+                        cmd_rx.try_recv().ok()
+                    } else {
+                        None
+                    };
                 }
                 let mut replies = Vec::with_capacity(3);
                 if !writes.is_empty() {
                     let batch: Vec<Change> = writes.iter().map(|(_, c)| c.clone()).collect();
                     let results: Vec<Result<Micros, StoreError>> = match store.write(&batch) {
-                        Ok(times) if times.len() == batch.len() => times.into_iter().map(Ok).collect(),
-                        Ok(_) => vec![Err(StoreError("store answered a batch with the wrong length".into())); batch.len()],
+                        Ok(times) if times.len() == batch.len() => {
+                            times.into_iter().map(Ok).collect()
+                        }
+                        Ok(_) => vec![
+                            Err(StoreError(
+                                "store answered a batch with the wrong length".into()
+                            ));
+                            batch.len()
+                        ],
                         Err(e) => vec![Err(e); batch.len()],
                     };
-                    let done = writes.into_iter().zip(results).map(|((id, c), r)| (id, c, r)).collect();
+                    let done = writes
+                        .into_iter()
+                        .zip(results)
+                        .map(|((id, c), r)| (id, c, r))
+                        .collect();
                     replies.push(Reply::Written(done));
                 }
                 if fetch {
@@ -148,7 +166,11 @@ impl Helper {
                 wake();
             }
         })?;
-        Ok(Helper { tx: Some(tx), rx, thread: Some(thread) })
+        Ok(Helper {
+            tx: Some(tx),
+            rx,
+            thread: Some(thread),
+        })
     }
 
     /// Sends a command; false when the helper has gone (it never exits on its own).

@@ -11,7 +11,9 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects lazily to `url`.
     pub fn new(url: &str, _changelog_maxlen: u64) -> Result<RedisStore, StoreError> {
-        Ok(RedisStore { url: url.to_owned() })
+        Ok(RedisStore {
+            url: url.to_owned(),
+        })
     }
 }
 

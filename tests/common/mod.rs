@@ -1,0 +1,568 @@
+//! Test helpers: the real binary on a free port, a real `redis-server`, and small HTTP and SSE
+//! clients over real sockets. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The token every test server is started with.
+pub const TOKEN: &str = "test-token";
+
+/// A running `flagsmith-sse` binary.
+pub struct Server {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts the binary with the test token, on 127.0.0.1 and a free port, plus `env`.
+    #[track_caller]
+    pub fn start(env: &[(&str, &str)]) -> Server {
+        Server::start_with(env, |_| {})
+    }
+
+    /// Like [`Server::start`], with a hook to adjust the command (e.g. wrap it in prlimit).
+    #[track_caller]
+    pub fn start_with(env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SSE_AUTHENTICATION_TOKEN", TOKEN)
+            .env("BIND_ADDRESS", "127.0.0.1")
+            .env("PORT", "0")
+            .env("LOG_LEVEL", "debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        adjust(&mut cmd);
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("start flagsmith-sse");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.trim().to_owned());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("listening address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`.
+    #[track_caller]
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+        })
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+        assert!(ok.map(|s| s.success()).unwrap_or(false), "kill -{sig}");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Reads a field of /proc/<pid>/status, in kB (e.g. "VmRSS").
+    pub fn proc_status_kb(&self, field: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = text.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Number of open file descriptors of the process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// CPU time (user + system) of the process so far, from /proc/<pid>/stat.
+    pub fn cpu_time(&self) -> Duration {
+        let text =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = text.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_micros(ticks * 1_000_000 / hz)
+    }
+
+    /// Scrapes /metrics into a map from series (name with labels) to value.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let r = request(
+            self.addr,
+            b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(r.status, 200);
+        String::from_utf8_lossy(&r.body)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 10 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for a child server started at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` of our own on a free port, stopped by its pid on drop.
+pub struct Redis {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Redis {
+    /// Starts `redis-server` with no persistence and waits until it answers PING.
+    #[track_caller]
+    pub fn start() -> Redis {
+        Redis::start_args(&[])
+    }
+
+    /// Starts `redis-server` with extra arguments.
+    #[track_caller]
+    pub fn start_args(extra: &[&str]) -> Redis {
+        let port = free_port();
+        Redis::start_on(port, extra)
+    }
+
+    /// Starts `redis-server` on `port` (e.g. again after [`Redis::stop`]).
+    #[track_caller]
+    pub fn start_on(port: u16, extra: &[&str]) -> Redis {
+        let dir = std::env::temp_dir().join(format!("fsse-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the README's test command installs it)");
+        let r = Redis { child, port, dir };
+        assert!(
+            wait_until(Duration::from_secs(10), || r
+                .cli(&["PING"])
+                .is_some_and(|o| o.contains("PONG"))),
+            "redis-server did not start"
+        );
+        r
+    }
+
+    /// The URL to give the server.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Runs `redis-cli` against this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Stops the server (SIGKILL to its own pid) and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A response read from a socket.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header lines, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header of that (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response with a Content-Length body (or up to EOF) from `s`.
+#[track_caller]
+pub fn read_response(s: &mut TcpStream) -> Response {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(0) => panic!(
+                "connection closed in the response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Ok(_) => buf.push(byte[0]),
+            Err(e) => panic!(
+                "reading the response head: {e}; got {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let mut lines = text.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    let mut body = Vec::new();
+    match len {
+        Some(n) => {
+            body.resize(n, 0);
+            s.read_exact(&mut body).expect("response body");
+        }
+        None if status == 100 || status == 204 => {}
+        None => {
+            let _ = s.read_to_end(&mut body);
+        }
+    }
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Sends raw bytes on a new connection and reads one response.
+#[track_caller]
+pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.write_all(raw).expect("send request");
+    read_response(&mut s)
+}
+
+/// POSTs a queue-change with the test token.
+#[track_caller]
+pub fn queue_change(addr: SocketAddr, key: &str, body: &str) -> Response {
+    queue_change_with(addr, key, body, Some(TOKEN))
+}
+
+/// POSTs a queue-change with the given token (or none).
+#[track_caller]
+pub fn queue_change_with(addr: SocketAddr, key: &str, body: &str, token: Option<&str>) -> Response {
+    let auth = token
+        .map(|t| format!("Authorization: Token {t}\r\n"))
+        .unwrap_or_default();
+    let raw = format!(
+        "POST /sse/environments/{key}/queue-change HTTP/1.1\r\nHost: t\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    request(addr, raw.as_bytes())
+}
+
+/// One item of an event stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// An `environment_updated` event with its raw `updated_at` text.
+    Update(String),
+    /// The `: ping` keep-alive comment.
+    Ping,
+    /// Anything else (test failure material).
+    Other(String),
+}
+
+/// A subscriber: reads the stream head, then decodes chunks into events.
+pub struct Subscriber {
+    /// The socket.
+    pub sock: TcpStream,
+    /// Response head.
+    pub head: String,
+    chunked: bool,
+    /// Decoded but not yet consumed event text.
+    text: String,
+    /// Raw bytes not yet decoded.
+    raw: Vec<u8>,
+    /// The final chunk arrived or the connection closed.
+    pub ended: bool,
+    /// Every raw byte received after the head, for exact-byte checks.
+    pub wire: Vec<u8>,
+}
+
+impl Subscriber {
+    /// Subscribes with HTTP/1.1.
+    #[track_caller]
+    pub fn connect(addr: SocketAddr, key: &str) -> Subscriber {
+        Subscriber::connect_version(addr, key, "1.1")
+    }
+
+    /// Subscribes with the given HTTP version ("1.0" or "1.1").
+    #[track_caller]
+    pub fn connect_version(addr: SocketAddr, key: &str, version: &str) -> Subscriber {
+        let mut sock = TcpStream::connect(addr).expect("connect");
+        let req = format!(
+            "GET /sse/environments/{key}/stream HTTP/{version}\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        sock.write_all(req.as_bytes()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match sock.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                other => panic!(
+                    "stream head incomplete ({other:?}): {:?}",
+                    String::from_utf8_lossy(&head)
+                ),
+            }
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "not a stream: {head}");
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        Subscriber {
+            sock,
+            head,
+            chunked,
+            text: String::new(),
+            raw: Vec::new(),
+            ended: false,
+            wire: Vec::new(),
+        }
+    }
+
+    fn decode(&mut self) {
+        if !self.chunked {
+            self.text.push_str(&String::from_utf8_lossy(&self.raw));
+            self.raw.clear();
+            return;
+        }
+        loop {
+            let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size_line = String::from_utf8_lossy(&self.raw[..eol]).into_owned();
+            let size = usize::from_str_radix(size_line.trim(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
+            if size == 0 {
+                if self.raw.len() >= eol + 4 {
+                    self.ended = true;
+                    self.raw.drain(..eol + 4);
+                }
+                return;
+            }
+            if self.raw.len() < eol + 2 + size + 2 {
+                return;
+            }
+            let data = String::from_utf8_lossy(&self.raw[eol + 2..eol + 2 + size]).into_owned();
+            assert_eq!(
+                &self.raw[eol + 2 + size..eol + 4 + size],
+                b"\r\n",
+                "chunk not followed by CRLF"
+            );
+            self.text.push_str(&data);
+            self.raw.drain(..eol + 4 + size);
+        }
+    }
+
+    fn take_item(&mut self) -> Option<Item> {
+        let end = self.text.find("\n\n")?;
+        let block: String = self.text.drain(..end + 2).collect();
+        if block == ": ping\n\n" {
+            return Some(Item::Ping);
+        }
+        let prefix = "event: environment_updated\ndata: {\"updated_at\": ";
+        let suffix = "}\nretry: 15000\n\n";
+        if let Some(v) = block
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(suffix))
+        {
+            return Some(Item::Update(v.to_owned()));
+        }
+        Some(Item::Other(block))
+    }
+
+    /// The next item, or `None` if none arrives within `timeout` or the stream ended.
+    pub fn next(&mut self, timeout: Duration) -> Option<Item> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(item) = self.take_item() {
+                return Some(item);
+            }
+            if self.ended {
+                return None;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            let mut buf = [0u8; 4096];
+            match self.sock.read(&mut buf) {
+                Ok(0) => {
+                    self.ended = true;
+                }
+                Ok(n) => {
+                    self.wire.extend_from_slice(&buf[..n]);
+                    self.raw.extend_from_slice(&buf[..n]);
+                    self.decode();
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None;
+                }
+                Err(_) => self.ended = true,
+            }
+        }
+    }
+
+    /// The next update's `updated_at` text, skipping pings.
+    pub fn next_update(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left)? {
+                Item::Update(v) => return Some(v),
+                Item::Ping => {}
+                Item::Other(o) => panic!("unexpected stream content {o:?}"),
+            }
+        }
+    }
+
+    /// Waits for the stream to end (final chunk or EOF); true if it did within `timeout`.
+    pub fn wait_end(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.ended {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = self.next(left);
+        }
+        true
+    }
+}
