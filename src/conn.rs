@@ -6,7 +6,7 @@
 //! that closing never resets unread bytes. Methods here report what happened as an [`Io`]
 //! outcome; only the server tears a connection down.
 
-use crate::http::Head;
+use crate::http::Reader;
 use crate::sse::{self, Event};
 use crate::timestamp::Micros;
 use mio::net::TcpStream;
@@ -91,10 +91,8 @@ pub enum State {
 
 /// A connection that is reading requests.
 pub struct Http {
-    /// Received bytes not yet consumed by a request. Empty (no allocation) when idle.
-    pub buf: Vec<u8>,
-    /// The head of the request whose body is being read.
-    pub head: Option<Head>,
+    /// Received bytes and the request being read.
+    pub reader: Reader,
     /// Response bytes not yet written.
     pub out: Vec<u8>,
     /// How much of `out` is written.
@@ -115,8 +113,7 @@ impl Http {
     /// A connection waiting for its first request until `deadline`.
     pub fn new(deadline: u64) -> Http {
         Http {
-            buf: Vec::new(),
-            head: None,
+            reader: Reader::default(),
             out: Vec::new(),
             out_pos: 0,
             close_after: false,

@@ -8,7 +8,7 @@
 
 use crate::config::{Config, StoreConfig};
 use crate::conn::{self, Closing, Conn, Http, Io, Piece, State, Stream};
-use crate::http::{self, BodyFraming, Head, HttpError, Method, Route};
+use crate::http::{self, BodyFraming, Head, HttpError, Method, Parsed, Route};
 use crate::metrics::{Gauges, Metrics, QueueResult, Rejection};
 use crate::slab::Slab;
 use crate::sse::Event;
@@ -460,7 +460,7 @@ impl Server {
                 if now < h.deadline {
                     let at = h.deadline;
                     self.schedule(token, at);
-                } else if h.served > 0 && h.buf.is_empty() && h.head.is_none() && !h.has_output() {
+                } else if h.served > 0 && h.reader.is_idle() && !h.has_output() {
                     self.close(token, Why::Done);
                 } else if h.has_output() {
                     self.close(token, Why::Deadline);
@@ -712,7 +712,7 @@ impl Server {
         let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) else {
             return;
         };
-        let Some(head) = &h.head else { return };
+        let Some(head) = &h.reader.head else { return };
         if let (Route::QueueChange(_), Method::Post) = (&head.route, head.method) {
             if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) {
                 self.metrics.queue_change(QueueResult::Unauthorized);
@@ -722,7 +722,7 @@ impl Server {
         }
         if head.expect_continue
             && !h.continued
-            && h.buf.is_empty()
+            && !h.reader.has_buffered()
             && head.body != BodyFraming::None
         {
             h.continued = true;
@@ -1129,7 +1129,7 @@ impl Server {
                     self.schedule(token, end);
                 }
                 State::Http(h) => {
-                    if h.awaiting_store || h.has_output() || h.head.is_some() || !h.buf.is_empty() {
+                    if h.awaiting_store || h.has_output() || !h.reader.is_idle() {
                         h.close_after = true;
                     } else {
                         self.close(token, Why::Done);
@@ -1229,38 +1229,18 @@ fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
     if h.close_after {
         return Step::Finish;
     }
-    match &h.head {
-        None if !h.buf.is_empty() => match http::parse_head(&h.buf) {
-            Err(e) => return Step::Fail(e),
-            Ok(Some(head)) => {
-                h.buf.drain(..head.len);
-                h.head = Some(head);
-                return Step::Head;
-            }
-            Ok(None) => {}
-        },
-        None => {}
-        Some(head) => match http::parse_body(head.body, &h.buf) {
-            Err(e) => return Step::Fail(e),
-            Ok(Some((body, used))) => {
-                h.buf.drain(..used);
-                if h.buf.is_empty() {
-                    h.buf = Vec::new();
-                }
-                let Some(head) = h.head.take() else {
-                    return Step::Wait;
-                };
-                return Step::Request(head, body);
-            }
-            Ok(None) => {}
-        },
+    match h.reader.poll() {
+        Err(e) => return Step::Fail(e),
+        Ok(Some(Parsed::Head)) => return Step::Head,
+        Ok(Some(Parsed::Request(head, body))) => return Step::Request(head, body),
+        Ok(None) => {}
     }
     if !c.readable {
         return Step::Wait;
     }
     match conn::read_nb(&mut c.sock, scratch) {
         (n, Io::Done) => {
-            h.buf.extend_from_slice(&scratch[..n]);
+            h.reader.push(&scratch[..n]);
             Step::Again
         }
         (_, Io::WouldBlock) => {
@@ -1268,7 +1248,7 @@ fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
             Step::Wait
         }
         (_, Io::Closed) => {
-            if h.buf.is_empty() && h.head.is_none() {
+            if h.reader.is_idle() {
                 Step::Close(Why::Peer)
             } else {
                 // The peer stopped sending halfway through a request.
