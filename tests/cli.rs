@@ -1,0 +1,152 @@
+//! The binary's command line: `--help`, `--version`, `--healthcheck`, start-up errors, and
+//! two processes sharing one port with REUSE_PORT.
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c
+}
+
+#[test]
+fn help_lists_every_variable_with_its_default() {
+    let out = bin().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for (name, default, _) in flagsmith_sse::config::VARIABLES {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing from --help"));
+        assert!(
+            line.contains(default),
+            "{name}: default {default} missing in {line:?}"
+        );
+    }
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = bin().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("flagsmith-sse {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn unknown_argument_exits_2() {
+    let out = bin().arg("--frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--frobnicate"));
+}
+
+#[test]
+fn healthcheck_probes_a_live_server_and_fails_without_one() {
+    let server = Server::start(&[]);
+    let port = server.addr.port().to_string();
+    let ok = bin()
+        .arg("--healthcheck")
+        .env("PORT", &port)
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    drop(server);
+    let down = bin()
+        .arg("--healthcheck")
+        .env("PORT", &port)
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("unhealthy"));
+}
+
+#[test]
+fn first_log_lines_show_the_configuration_without_secrets() {
+    let redis = Redis::start();
+    let server = Server::start(&[
+        ("REDIS_HOST", "127.0.0.1"),
+        ("REDIS_PORT", &redis.port.to_string()),
+        ("REDIS_PASSWORD", "hunter2-secret"),
+    ]);
+    assert!(server.wait_log("configuration:", Duration::from_secs(5)));
+    let log = server.log();
+    assert!(!log.contains(TOKEN), "token leaked: {log}");
+    assert!(!log.contains("hunter2-secret"), "password leaked: {log}");
+    assert!(log.contains("***@127.0.0.1"), "{log}");
+}
+
+#[test]
+fn embedded_store_is_announced() {
+    let server = Server::start(&[]);
+    assert!(
+        server.wait_log("embedded in-memory store", Duration::from_secs(5)),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn reuse_port_lets_two_processes_share_a_port() {
+    let port = free_port().to_string();
+    let env = [("PORT", port.as_str()), ("REUSE_PORT", "true")];
+    let a = Server::start(&env);
+    let b = Server::start(&env);
+    assert_eq!(a.addr, b.addr);
+    // The kernel spreads connections over both processes; keep subscribing until each holds
+    // some (counted by each process's own open descriptors, since a request to the shared port
+    // may reach either).
+    let (base_a, base_b) = (a.open_fds(), b.open_fds());
+    let mut subs = Vec::new();
+    let spread = wait_until(Duration::from_secs(20), || {
+        subs.push(Subscriber::connect(a.addr, "shared"));
+        a.open_fds() > base_a && b.open_fds() > base_b
+    });
+    assert!(spread, "connections did not reach both processes");
+    // With the embedded store each process delivers what it received itself: publish newer
+    // times until every subscriber, on either process, has had an update.
+    let mut got = vec![false; subs.len()];
+    let mut published = 0;
+    let all = wait_until(Duration::from_secs(20), || {
+        published += 1;
+        let body = format!("{{\"updated_at\": {}.5}}", 1_700_000_000 + published);
+        assert_eq!(queue_change(a.addr, "shared", &body).status, 200);
+        for (s, g) in subs.iter_mut().zip(got.iter_mut()) {
+            if !*g {
+                *g = s.next_update(Duration::from_millis(100)).is_some();
+            }
+        }
+        got.iter().all(|g| *g)
+    });
+    assert!(
+        all,
+        "{} of {} subscribers got no update after {published} changes",
+        got.iter().filter(|g| !**g).count(),
+        subs.len()
+    );
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_variable() {
+    let out = bin().output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SSE_AUTHENTICATION_TOKEN"));
+    let out = bin()
+        .env("SSE_AUTHENTICATION_TOKEN", "t")
+        .env("STREAM_DELAY", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("STREAM_DELAY"));
+}
