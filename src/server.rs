@@ -181,6 +181,9 @@ impl Server {
             let _ = waker.wake();
         })?;
         let seed = timestamp::now_micros() as u64 ^ u64::from(std::process::id()) << 32;
+        // The embedded store lives in this process and cannot be unavailable: ready at once,
+        // rather than answering 503 to probes that arrive before the first fetch returns.
+        let store_ready = cfg.store == StoreConfig::Embedded;
         Ok(Server {
             cfg: Arc::new(cfg),
             poll,
@@ -200,7 +203,7 @@ impl Server {
             fetch_in_flight: false,
             next_fetch_at: 0,
             last_fetch_ok: 0,
-            store_ready: false,
+            store_ready,
             clock: Instant::now(),
             scratch: vec![0; SCRATCH_SIZE],
             revisit: Vec::new(),
