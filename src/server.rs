@@ -47,8 +47,12 @@ const LINGER_MS: u64 = 2_000;
 /// Send buffer of stream sockets: events are tiny, and a small buffer makes a stalled reader
 /// visible instead of letting the kernel absorb megabytes for it.
 const STREAM_SNDBUF: usize = 8 * 1024;
-/// Descriptors kept back from MAX_CONNECTIONS for the listener, poll, store and logs.
+/// Descriptors kept back from MAX_CONNECTIONS for the listener, poll, store and logs, at most.
+/// A low open-file limit keeps back a quarter of itself instead (at least
+/// `MIN_RESERVED_FDS`), so that it still leaves room for more than a single client.
 const RESERVED_FDS: u64 = 64;
+/// Descriptors kept back at the least; about ten are in use before the first client.
+const MIN_RESERVED_FDS: u64 = 16;
 /// Retry delay when accepting failed for lack of descriptors (ms).
 const ACCEPT_RETRY_MS: u64 = 100;
 /// Hard limit after the shutdown grace period before the loop exits anyway (ms).
@@ -151,7 +155,8 @@ impl Server {
     /// Binds the listener, raises the open-file limit and starts the store helper.
     pub fn new(cfg: Config) -> io::Result<Server> {
         let nofile = sys::raise_nofile_limit().unwrap_or(1024);
-        let derived = nofile.saturating_sub(RESERVED_FDS).max(1) as usize;
+        let reserved = RESERVED_FDS.min((nofile / 4).max(MIN_RESERVED_FDS));
+        let derived = nofile.saturating_sub(reserved).max(1) as usize;
         let max_conns = match cfg.max_connections {
             Some(n) if n > derived => {
                 warn!(
