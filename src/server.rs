@@ -346,14 +346,25 @@ impl Server {
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                     ) =>
                 {
-                    self.metrics.reject(Rejection::NoDescriptors);
                     // Free the reserve descriptor to take the client off the queue and tell it.
+                    // accept(2) runs out of descriptors before it looks at the queue, so the
+                    // queue may be empty: then the listener is drained, as after WouldBlock.
                     if let Some(spare) = self.spare_fd.take() {
                         drop(spare);
-                        if let Some(Ok((sock, _))) = self.listener.as_ref().map(|l| l.accept()) {
-                            refuse(sock);
-                        }
+                        let drained = match self.listener.as_ref().map(|l| l.accept()) {
+                            Some(Ok((sock, _))) => {
+                                self.metrics.reject(Rejection::NoDescriptors);
+                                refuse(sock);
+                                false
+                            }
+                            Some(Err(e)) => e.kind() == io::ErrorKind::WouldBlock,
+                            None => true,
+                        };
                         self.spare_fd = std::fs::File::open("/dev/null").ok();
+                        if drained {
+                            self.listener_ready = false;
+                            return;
+                        }
                         if self.spare_fd.is_some() {
                             continue;
                         }
