@@ -807,7 +807,13 @@ impl Server {
             (Route::Stream(key), _) => {
                 let stale = now.saturating_sub(self.last_fetch_ok)
                     > 3 * ms(self.cfg.cache_update_interval).max(1);
-                if stale && !self.store_ready {
+                if self.shutdown_at.is_some() {
+                    json(
+                        503,
+                        "Retry-After: 1\r\n",
+                        &http::detail_json("shutting down"),
+                    )
+                } else if stale && !self.store_ready {
                     self.metrics.reject(Rejection::StoreUnavailable);
                     json(
                         503,
@@ -1148,11 +1154,13 @@ impl Server {
                     self.schedule(token, end);
                 }
                 State::Http(h) => {
-                    if h.awaiting_store || h.has_output() || !h.reader.is_idle() {
+                    if h.awaiting_store || h.has_output() {
                         h.close_after = true;
-                    } else {
+                    } else if h.reader.is_idle() {
                         self.close(token, Why::Done);
                     }
+                    // Otherwise a request is arriving: it is served, with `Connection: close`
+                    // like every response from now on, and the connection closed after it.
                 }
                 State::Closing(_) => {}
             }
