@@ -566,3 +566,344 @@ impl Subscriber {
         true
     }
 }
+
+/// A client socket with a small receive buffer (SO_RCVBUF set before connecting, so the
+/// advertised window stays small): a reader that can be made to stall.
+#[track_caller]
+pub fn connect_small_rcvbuf(addr: SocketAddr, bytes: usize) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 only")
+    };
+    // SAFETY: plain socket creation; the descriptor is owned by the TcpStream below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is fresh and nobody else owns it.
+    let sock = unsafe { TcpStream::from_raw_fd(fd) };
+    let size = bytes as libc::c_int;
+    // SAFETY: the option value is a c_int that lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sin is a valid sockaddr_in of the length given.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+    sock
+}
+
+/// Closes `sock` with SO_LINGER 0, so that the peer gets a RST instead of a FIN.
+pub fn reset(sock: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the option value is a linger struct that lives across the call.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    drop(sock);
+}
+
+/// A subscription request for `key` (HTTP/1.1).
+pub fn stream_request(key: &str) -> String {
+    format!(
+        "GET /sse/environments/{key}/stream HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n"
+    )
+}
+
+/// A queue-change body whose time is `secs + 0.25` epoch seconds; the event carries
+/// [`update_text`] of the same `secs`.
+pub fn update_body(secs: u64) -> String {
+    format!("{{\"updated_at\": {secs}.25}}")
+}
+
+/// The `updated_at` text an event carries for [`update_body`] of `secs`.
+pub fn update_text(secs: u64) -> String {
+    format!("{secs}.25")
+}
+
+/// A keep-alive connection that POSTs queue-changes one after another.
+pub struct Poster {
+    /// The socket.
+    pub sock: TcpStream,
+}
+
+impl Poster {
+    /// Connects.
+    #[track_caller]
+    pub fn connect(addr: SocketAddr) -> Poster {
+        let sock = TcpStream::connect(addr).expect("connect");
+        sock.set_nodelay(true).unwrap();
+        Poster { sock }
+    }
+
+    /// POSTs `body` for `key` and reads the response; the connection stays open.
+    #[track_caller]
+    pub fn post(&mut self, key: &str, body: &str) -> Response {
+        let raw = format!(
+            "POST /sse/environments/{key}/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.sock.write_all(raw.as_bytes()).expect("send");
+        read_response(&mut self.sock)
+    }
+}
+
+/// Many subscribers read by one `mio::Poll`: each remembers the newest `updated_at` text it
+/// got and how many updates it saw.
+pub struct Crowd {
+    poll: mio::Poll,
+    events: mio::Events,
+    /// The sockets (None once closed).
+    pub socks: Vec<Option<mio::net::TcpStream>>,
+    bufs: Vec<Vec<u8>>,
+    /// Whether each one's response head is in.
+    pub headed: Vec<bool>,
+    /// The newest update each one got.
+    pub latest: Vec<Option<String>>,
+    /// Updates each one got.
+    pub counts: Vec<usize>,
+    /// Whether each one saw its stream end (final chunk, EOF or reset).
+    pub ended: Vec<bool>,
+    /// Whether each one got the final chunk of its stream.
+    pub finished: Vec<bool>,
+}
+
+impl Crowd {
+    /// Connects `n` subscribers to `key` and waits until every one has its response head.
+    #[track_caller]
+    pub fn connect(addr: SocketAddr, key: &str, n: usize) -> Crowd {
+        let mut c = Crowd {
+            poll: mio::Poll::new().unwrap(),
+            events: mio::Events::with_capacity(1024),
+            socks: Vec::new(),
+            bufs: Vec::new(),
+            headed: Vec::new(),
+            latest: Vec::new(),
+            counts: Vec::new(),
+            ended: Vec::new(),
+            finished: Vec::new(),
+        };
+        c.add(addr, key, n);
+        c
+    }
+
+    /// Adds `n` subscribers to `key` and waits for their heads.
+    #[track_caller]
+    pub fn add(&mut self, addr: SocketAddr, key: &str, n: usize) {
+        let req = stream_request(key);
+        for _ in 0..n {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(req.as_bytes()).expect("send");
+            s.set_nonblocking(true).unwrap();
+            let mut s = mio::net::TcpStream::from_std(s);
+            let i = self.socks.len();
+            self.poll
+                .registry()
+                .register(&mut s, mio::Token(i), mio::Interest::READABLE)
+                .unwrap();
+            self.socks.push(Some(s));
+            self.bufs.push(Vec::new());
+            self.headed.push(false);
+            self.latest.push(None);
+            self.counts.push(0);
+            self.ended.push(false);
+            self.finished.push(false);
+        }
+        let ok = self.pump_until(Duration::from_secs(30), |c| c.headed.iter().all(|&h| h));
+        let missing = self.headed.iter().filter(|&&h| !h).count();
+        assert!(
+            ok,
+            "{missing} of {} subscribers got no stream head",
+            self.len()
+        );
+    }
+
+    /// Number of subscribers.
+    pub fn len(&self) -> usize {
+        self.socks.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.socks.is_empty()
+    }
+
+    /// Reads whatever is ready, waiting at most `wait` for something.
+    pub fn pump(&mut self, wait: Duration) {
+        if self.poll.poll(&mut self.events, Some(wait)).is_err() {
+            return;
+        }
+        let ready: Vec<usize> = self.events.iter().map(|e| e.token().0).collect();
+        for i in ready {
+            self.read(i);
+        }
+    }
+
+    /// Pumps until `done` holds or `timeout` passes; true if it held.
+    pub fn pump_until(&mut self, timeout: Duration, mut done: impl FnMut(&Crowd) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(self) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.pump(left.min(Duration::from_millis(50)));
+        }
+    }
+
+    /// Whether every open subscriber's newest update is `text`.
+    pub fn all_have(&self, text: &str) -> bool {
+        self.latest
+            .iter()
+            .zip(&self.ended)
+            .all(|(l, &e)| e || l.as_deref() == Some(text))
+    }
+
+    /// Closes subscriber `i` (FIN).
+    pub fn close(&mut self, i: usize) {
+        if let Some(mut s) = self.socks.get_mut(i).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+    }
+
+    fn read(&mut self, i: usize) {
+        let Some(Some(s)) = self.socks.get_mut(i) else {
+            return;
+        };
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match s.read(&mut chunk) {
+                Ok(0) => {
+                    self.ended[i] = true;
+                    break;
+                }
+                Ok(n) => self.bufs[i].extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.ended[i] = true;
+                    break;
+                }
+            }
+        }
+        let buf = &mut self.bufs[i];
+        let mut used = 0;
+        if !self.headed[i] {
+            match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                Some(p) => {
+                    assert!(
+                        buf.starts_with(b"HTTP/1.1 200 "),
+                        "not a stream: {:?}",
+                        String::from_utf8_lossy(&buf[..p])
+                    );
+                    self.headed[i] = true;
+                    used = p + 4;
+                }
+                None => return,
+            }
+        }
+        const KEY: &[u8] = b"{\"updated_at\": ";
+        loop {
+            let rest = &buf[used..];
+            let Some(start) = rest.windows(KEY.len()).position(|w| w == KEY) else {
+                break;
+            };
+            let Some(len) = rest[start + KEY.len()..].iter().position(|&b| b == b'}') else {
+                break;
+            };
+            let v = &rest[start + KEY.len()..start + KEY.len() + len];
+            self.latest[i] = Some(String::from_utf8_lossy(v).into_owned());
+            self.counts[i] += 1;
+            used += start + KEY.len() + len + 1;
+        }
+        if buf[used..].ends_with(b"\r\n0\r\n\r\n") || buf[used..] == *b"0\r\n\r\n" {
+            self.finished[i] = true;
+            self.ended[i] = true;
+        }
+        // Keep a possible partial event; everything before it is consumed.
+        let keep_from = buf[used..]
+            .iter()
+            .position(|&b| b == b'{')
+            .map_or(buf.len(), |p| used + p);
+        buf.drain(..keep_from);
+    }
+}
+
+/// Sets the open-file limit (soft and hard) of the command's process before it starts.
+pub fn limit_nofile(cmd: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Changes the open-file limit of a running process.
+#[track_caller]
+pub fn set_nofile_of(pid: u32, soft: u64, hard: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: prlimit reads the struct we pass and writes nothing (old limit pointer is null).
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// The median and the maximum of `samples`.
+pub fn median_max(samples: &[Duration]) -> (Duration, Duration) {
+    let mut v = samples.to_vec();
+    v.sort();
+    (
+        v.get(v.len() / 2).copied().unwrap_or_default(),
+        v.last().copied().unwrap_or_default(),
+    )
+}
