@@ -128,6 +128,9 @@ pub struct Server {
     scratch: Vec<u8>,
     /// Connections with work left over from a capped turn: (token, serial).
     revisit: Vec<(usize, u64)>,
+    /// Queue-change writes parsed in this turn, handed to the helper together at its end so
+    /// that concurrent requests share one store round trip.
+    pending_writes: Vec<(store::WriteId, Change)>,
     shutdown_at: Option<u64>,
     rng: u64,
     metrics: Metrics,
@@ -212,6 +215,7 @@ impl Server {
             clock: Instant::now(),
             scratch: vec![0; SCRATCH_SIZE],
             revisit: Vec::new(),
+            pending_writes: Vec::new(),
             shutdown_at: None,
             rng: seed | 1,
             metrics: Metrics::default(),
@@ -283,6 +287,7 @@ impl Server {
                 }
             }
             self.run_timers();
+            self.flush_writes();
             if let Some(at) = self.shutdown_at {
                 if self.conns.is_empty() {
                     info!("all connections closed; exiting");
@@ -842,18 +847,11 @@ impl Server {
                                 key: key.clone(),
                                 time,
                             };
-                            if self.helper.send(Command::Write((token, c.serial), change)) {
-                                if let State::Http(h) = &mut c.state {
-                                    h.awaiting_store = true;
-                                }
-                                return;
+                            if let State::Http(h) = &mut c.state {
+                                h.awaiting_store = true;
                             }
-                            self.metrics.queue_change(QueueResult::Unavailable);
-                            json(
-                                503,
-                                "Retry-After: 1\r\n",
-                                &http::detail_json("store unavailable"),
-                            )
+                            self.pending_writes.push(((token, c.serial), change));
+                            return;
                         }
                     }
                 }
@@ -1088,6 +1086,18 @@ impl Server {
                     }
                 }
                 Reply::Stats(stats) => self.metrics.store_commands = stats,
+            }
+        }
+    }
+
+    /// Hands this turn's queue-change writes to the helper, which takes them as one batch.
+    fn flush_writes(&mut self) {
+        for (id, change) in std::mem::take(&mut self.pending_writes) {
+            if !self.helper.send(Command::Write(id, change)) {
+                self.metrics.queue_change(QueueResult::Unavailable);
+                let now = self.now();
+                let stopped = StoreError("the store helper stopped".into());
+                self.finish_write(id.0, id.1, Err(stopped), now);
             }
         }
     }
