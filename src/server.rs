@@ -416,12 +416,12 @@ impl Server {
 
     /// Makes sure connection `token` is woken at `at` or earlier.
     fn schedule(&mut self, token: usize, at: u64) {
-        if let Some(c) = self.conns.get_mut(token) {
-            if at < c.timer_at {
-                c.timer_at = at;
-                self.timers
-                    .push(Reverse((at, Timer::Conn(token, c.serial))));
-            }
+        if let Some(c) = self.conns.get_mut(token)
+            && at < c.timer_at
+        {
+            c.timer_at = at;
+            self.timers
+                .push(Reverse((at, Timer::Conn(token, c.serial))));
         }
     }
 
@@ -737,12 +737,12 @@ impl Server {
             return;
         };
         let Some(head) = &h.reader.head else { return };
-        if let (Route::QueueChange(_), Method::Post) = (&head.route, head.method) {
-            if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) {
-                self.metrics.queue_change(QueueResult::Unauthorized);
-                let out = unauthorized();
-                return self.linger(token, out);
-            }
+        if let (Route::QueueChange(_), Method::Post) = (&head.route, head.method)
+            && !http::authorized(head.authorization.as_deref(), &self.cfg.token.0)
+        {
+            self.metrics.queue_change(QueueResult::Unauthorized);
+            let out = unauthorized();
+            return self.linger(token, out);
         }
         if head.expect_continue
             && !h.continued
@@ -957,10 +957,10 @@ impl Server {
         };
         if env.subs.get(pos) == Some(&token) {
             env.subs.swap_remove(pos);
-            if let Some(&moved) = env.subs.get(pos) {
-                if let Some(State::Stream(ms)) = self.conns.get_mut(moved).map(|c| &mut c.state) {
-                    ms.pos = pos as u32;
-                }
+            if let Some(&moved) = env.subs.get(pos)
+                && let Some(State::Stream(ms)) = self.conns.get_mut(moved).map(|c| &mut c.state)
+            {
+                ms.pos = pos as u32;
             }
         }
         if env.subs.is_empty() && env.time.is_none() {
