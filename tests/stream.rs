@@ -404,11 +404,11 @@ fn http10_subscriber_gets_bare_events_until_close() {
     assert_eq!(sub.next(Duration::from_secs(3)), Some(Item::Ping));
     assert!(sub.wait_end(Duration::from_secs(5)), "the body did not end");
     // Bare text, no chunk framing, no final chunk: the body ended with the connection.
-    // Pings come about every second and the stream ends after 2.25..2.75 s.
+    // Pings come every 0.9..1 s and the stream ends after 2.25..2.75 s.
     let wire = String::from_utf8_lossy(&sub.wire).into_owned();
     let event = event_text(&text);
     assert!(
-        wire == format!("{event}: ping\n\n") || wire == format!("{event}: ping\n\n: ping\n\n"),
+        (1..=3).any(|n| wire == format!("{event}{}", ": ping\n\n".repeat(n))),
         "{wire:?}"
     );
 }
