@@ -10,7 +10,7 @@ use crate::http::Reader;
 use crate::sse::{self, Event};
 use crate::timestamp::Micros;
 use mio::net::TcpStream;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 /// What a socket operation came to.
 #[derive(Debug)]
@@ -238,28 +238,65 @@ impl Stream {
         matches!(self.out, Some((Piece::End, _))) || matches!(self.next, Some(Piece::End))
     }
 
-    /// Writes queued pieces. `Done`: all written. `now` stamps `last_write`.
+    /// Writes queued pieces, both in one system call when two are queued (the response head
+    /// and the first event of a new stream). `Done`: all written. `now` stamps `last_write`.
     pub fn flush(&mut self, sock: &mut TcpStream, now: u64) -> Io {
+        loop {
+            let Some((piece, pos)) = &self.out else {
+                return Io::Done;
+            };
+            let first = &piece.bytes(self.chunked)[*pos as usize..];
+            let second = self
+                .next
+                .as_ref()
+                .map_or(&[][..], |p| p.bytes(self.chunked));
+            let result = match (first.is_empty(), second.is_empty()) {
+                // A plain stream's end is zero bytes: nothing to write.
+                (true, true) => Ok(0),
+                (_, true) => sock.write(first),
+                _ => sock.write_vectored(&[IoSlice::new(first), IoSlice::new(second)]),
+            };
+            let total = first.len() + second.len();
+            match result {
+                Ok(0) if total > 0 => return Io::Closed,
+                Ok(n) => {
+                    if n > 0 {
+                        self.written += n as u64;
+                        self.last_write = now;
+                    }
+                    self.advance(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return sort_error(e),
+            }
+        }
+    }
+
+    /// Marks `n` written bytes as sent, moving through the queued pieces.
+    fn advance(&mut self, mut n: usize) {
         while let Some((piece, pos)) = &mut self.out {
-            let bytes = &piece.bytes(self.chunked)[*pos as usize..];
-            let (n, io) = write_all_nb(sock, bytes);
-            if n > 0 {
-                self.written += n as u64;
-                self.last_write = now;
-            }
-            if n < bytes.len() {
+            let left = piece.bytes(self.chunked).len() - *pos as usize;
+            if n < left {
                 *pos += n as u32;
-                return io;
+                return;
             }
+            n -= left;
             if matches!(piece, Piece::End) {
                 self.out = None;
                 self.next = None;
                 self.finished = true;
-                return Io::Done;
+                return;
             }
             self.out = self.next.take().map(|p| (p, 0));
+            if n == 0
+                && self
+                    .out
+                    .as_ref()
+                    .is_some_and(|(p, _)| !p.bytes(self.chunked).is_empty())
+            {
+                return;
+            }
         }
-        Io::Done
     }
 }
 
@@ -273,4 +310,56 @@ pub struct Closing {
     pub shut: bool,
     /// When to give up and close (ms).
     pub deadline: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(chunked: bool) -> Stream {
+        Stream {
+            env: 0,
+            pos: 0,
+            chunked,
+            ending: false,
+            last_sent: 0,
+            out: Some((Piece::Head, 0)),
+            next: None,
+            last_write: 0,
+            end_at: u64::MAX,
+            written: 0,
+            stall_mark: None,
+            finished: false,
+        }
+    }
+
+    #[test]
+    fn a_newer_event_replaces_an_unsent_one_but_not_a_started_one() {
+        let mut s = stream(true);
+        s.enqueue(Piece::Event(Event::new(1)));
+        s.enqueue(Piece::Event(Event::new(2)));
+        assert!(matches!(&s.next, Some(Piece::Event(e)) if e.time == 2));
+        s.advance(sse::HEAD_CHUNKED.len());
+        assert!(matches!(&s.out, Some((Piece::Event(e), 0)) if e.time == 2));
+        s.enqueue(Piece::Event(Event::new(3)));
+        assert!(matches!(&s.out, Some((Piece::Event(e), 0)) if e.time == 3) && s.next.is_none());
+        s.advance(5);
+        s.enqueue(Piece::Event(Event::new(4)));
+        assert!(matches!(&s.out, Some((Piece::Event(e), 5)) if e.time == 3));
+        assert!(matches!(&s.next, Some(Piece::Event(e)) if e.time == 4));
+        let left = s.pending_bytes();
+        s.advance(left);
+        assert!(s.out.is_none() && s.next.is_none() && s.pending_bytes() == 0);
+    }
+
+    #[test]
+    fn the_end_is_written_last_and_finishes_the_stream() {
+        for chunked in [true, false] {
+            let mut s = stream(chunked);
+            s.enqueue(Piece::End);
+            let all = s.pending_bytes();
+            s.advance(all);
+            assert!(s.finished, "chunked: {chunked}");
+        }
+    }
 }
