@@ -595,11 +595,17 @@ impl Server {
                 self.schedule(token, at);
             }
             Io::WouldBlock => {
-                if s.stall_mark.is_none() {
-                    let queued = sys::unacked_bytes(&c.sock).unwrap_or(0) as u64;
-                    s.stall_mark = Some((now, s.written.saturating_sub(queued)));
-                }
-                let at = (now + keepalive).min(if s.ending { u64::MAX } else { s.end_at });
+                let since = match s.stall_mark {
+                    Some((t0, _)) => t0,
+                    None => {
+                        let queued = sys::unacked_bytes(&c.sock).unwrap_or(0) as u64;
+                        s.stall_mark = Some((now, s.written.saturating_sub(queued)));
+                        now
+                    }
+                };
+                // The stall check is due a keep-alive interval after the stall began, not
+                // after this attempt: a later attempt must not push it back.
+                let at = (since + keepalive).min(if s.ending { u64::MAX } else { s.end_at });
                 self.schedule(token, at);
             }
             Io::Closed => self.close(token, Why::Peer),
