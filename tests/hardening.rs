@@ -593,11 +593,20 @@ fn a_stalled_reader_holds_one_event_is_dropped_and_slows_nobody() {
     // `never` is dropped once stalled for the keep-alive interval; `late` is not.
     let dropped = wait_until(keepalive * 3, || rejected(&server, "stalled") >= 1.0);
     let after = t_first.elapsed();
+    let after_last = t_last.elapsed();
     assert!(
         dropped,
         "the stalled reader was not dropped after {after:?}"
     );
-    println!("the stalled reader was dropped {after:?} after the first update");
+    println!(
+        "the stalled reader was dropped {after:?} after the first update, {after_last:?} after \
+         the last"
+    );
+    // It stalled during the burst: it goes a keep-alive interval later, not two.
+    assert!(
+        after_last <= keepalive + Duration::from_millis(1500),
+        "dropped {after_last:?} after the last update, with a keep-alive interval of {keepalive:?}"
+    );
     assert!(
         after >= keepalive - Duration::from_millis(100),
         "dropped after {after:?}, before the keep-alive interval"
