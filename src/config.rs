@@ -62,7 +62,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "MAX_CONNECTIONS",
-        "open-file limit - 64",
+        "open-file limit - 64 (under 256: - a quarter, at least 16)",
         "open client connections allowed; the next one gets 503",
     ),
     (
