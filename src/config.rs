@@ -62,8 +62,8 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "MAX_CONNECTIONS",
-        "open-file limit - 64 (under 256: - a quarter, at least 16)",
-        "open client connections allowed; the next one gets 503",
+        "open-file limit - 64",
+        "open client connections allowed; the next one gets 503 (under 256 open files, a quarter of the limit is kept back, at least 16)",
     ),
     (
         "REQUEST_TIMEOUT_SECONDS",
