@@ -34,7 +34,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("REDIS_USERNAME", "none", "Redis ACL user name"),
     ("REDIS_PASSWORD", "none", "Redis password"),
     ("REDIS_DB", "0", "Redis database number"),
-    ("REDIS_USE_SSL", "false", "connect to Redis over TLS"),
+    (
+        "REDIS_USE_SSL",
+        "false",
+        "connect to Redis over TLS (needs the tls feature; trusted CAs: SSL_CERT_FILE)",
+    ),
+    (
+        "USE_CLUSTER_MODE",
+        "false",
+        "Redis Cluster; REDIS_URL may list seed nodes, comma-separated (needs the cluster feature)",
+    ),
     (
         "REDIS_CHANGELOG_MAXLEN",
         "10000",
@@ -90,10 +99,12 @@ pub enum StoreConfig {
     Embedded,
     /// A Redis server, by URL (credentials included, so never print it: see [`redact_url`]).
     Redis {
-        /// `redis://` or `rediss://` URL.
+        /// `redis://` or `rediss://` URL; in cluster mode, one or more comma-separated seed nodes.
         url: String,
         /// Approximate number of entries kept in the change log.
         changelog_maxlen: u64,
+        /// Whether Redis is a Redis Cluster.
+        cluster: bool,
     },
 }
 
@@ -104,10 +115,12 @@ impl fmt::Debug for StoreConfig {
             StoreConfig::Redis {
                 url,
                 changelog_maxlen,
+                cluster,
             } => {
                 write!(
                     f,
-                    "redis {} (change log ~{changelog_maxlen})",
+                    "redis {}{} (change log ~{changelog_maxlen})",
+                    if *cluster { "cluster " } else { "" },
                     redact_url(url)
                 )
             }
@@ -316,51 +329,95 @@ fn store_config<F: Fn(&str) -> Option<String>>(v: &Vars<F>) -> Result<StoreConfi
         return Err(bad("REDIS_CHANGELOG_MAXLEN", "must be at least 1"));
     }
     let use_ssl = v.flag("REDIS_USE_SSL")?;
-    if let Some(url) = v.get("REDIS_URL") {
-        let url = if use_ssl && url.starts_with("redis://") {
-            format!("rediss://{}", &url["redis://".len()..])
+    let cluster = v.flag("USE_CLUSTER_MODE")?;
+    if cluster && !cfg!(feature = "cluster") {
+        return Err(bad(
+            "USE_CLUSTER_MODE",
+            "Redis Cluster support is not in this build: build with `--features cluster` \
+             (the Docker image has it)",
+        ));
+    }
+    let url = if let Some(url) = v.get("REDIS_URL") {
+        // Only a cluster takes a list of seed nodes; elsewhere a comma is part of the URL.
+        let nodes: Vec<&str> = if cluster {
+            url.split(',').map(str::trim).collect()
         } else {
-            url
+            vec![url.as_str()]
         };
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        let mut out = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let node = match node.strip_prefix("redis://") {
+                Some(rest) if use_ssl => format!("rediss://{rest}"),
+                _ => node.to_owned(),
+            };
+            if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                return Err(bad(
+                    "REDIS_URL",
+                    format!(
+                        "{:?} must start with redis:// or rediss://",
+                        redact_url(&node)
+                    ),
+                ));
+            }
+            out.push(node);
+        }
+        if out.iter().any(|n| n.starts_with("rediss://"))
+            && out.iter().any(|n| n.starts_with("redis://"))
+        {
             return Err(bad(
                 "REDIS_URL",
-                format!(
-                    "{:?} must start with redis:// or rediss://",
-                    redact_url(&url)
-                ),
+                "mixes redis:// and rediss:// nodes: use one for all",
             ));
         }
-        return Ok(StoreConfig::Redis {
-            url,
-            changelog_maxlen,
-        });
-    }
-    let Some(host) = v.get("REDIS_HOST") else {
+        out.join(",")
+    } else if let Some(host) = v.get("REDIS_HOST") {
+        let port: u16 = v.parse("REDIS_PORT", 6379, "a port number (0-65535)")?;
+        let db: u32 = v.parse("REDIS_DB", 0, "a database number")?;
+        if cluster && db != 0 {
+            return Err(bad("REDIS_DB", "a Redis Cluster has only database 0"));
+        }
+        let mut url = String::from(if use_ssl { "rediss://" } else { "redis://" });
+        let user = v.get("REDIS_USERNAME");
+        let password = v.get("REDIS_PASSWORD");
+        if user.is_some() || password.is_some() {
+            url.push_str(&percent_encode(user.as_deref().unwrap_or("")));
+            if let Some(p) = &password {
+                url.push(':');
+                url.push_str(&percent_encode(p));
+            }
+            url.push('@');
+        }
+        if host.contains(':') && !host.starts_with('[') {
+            url.push_str(&format!("[{host}]"));
+        } else {
+            url.push_str(&host);
+        }
+        url.push_str(&format!(":{port}/{db}"));
+        url
+    } else if cluster {
+        return Err(bad(
+            "USE_CLUSTER_MODE",
+            "needs REDIS_URL or REDIS_HOST: the cluster's nodes",
+        ));
+    } else {
         return Ok(StoreConfig::Embedded);
     };
-    let port: u16 = v.parse("REDIS_PORT", 6379, "a port number (0-65535)")?;
-    let db: u32 = v.parse("REDIS_DB", 0, "a database number")?;
-    let mut url = String::from(if use_ssl { "rediss://" } else { "redis://" });
-    let user = v.get("REDIS_USERNAME");
-    let password = v.get("REDIS_PASSWORD");
-    if user.is_some() || password.is_some() {
-        url.push_str(&percent_encode(user.as_deref().unwrap_or("")));
-        if let Some(p) = &password {
-            url.push(':');
-            url.push_str(&percent_encode(p));
-        }
-        url.push('@');
+    if url.starts_with("rediss://") && !cfg!(feature = "tls") {
+        let var = if use_ssl {
+            "REDIS_USE_SSL"
+        } else {
+            "REDIS_URL"
+        };
+        return Err(bad(
+            var,
+            "TLS to Redis is not in this build: build with `--features tls` \
+             (the Docker image has it)",
+        ));
     }
-    if host.contains(':') && !host.starts_with('[') {
-        url.push_str(&format!("[{host}]"));
-    } else {
-        url.push_str(&host);
-    }
-    url.push_str(&format!(":{port}/{db}"));
     Ok(StoreConfig::Redis {
         url,
         changelog_maxlen,
+        cluster,
     })
 }
 
@@ -377,8 +434,22 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// A URL with its password (and user name) replaced by `***`, fit for logs.
+/// A URL, or a comma-separated list of them, with passwords (and user names) replaced by `***`,
+/// fit for logs.
 pub fn redact_url(url: &str) -> String {
+    let nodes: Vec<&str> = url.split(',').collect();
+    if nodes.len() > 1 && nodes.iter().all(|n| n.contains("://")) {
+        return nodes
+            .iter()
+            .map(|n| redact_one(n))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    // Not a list (perhaps a comma in a password): hide everything up to the last `@`.
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<unparseable URL>".to_owned();
     };
@@ -470,16 +541,16 @@ mod tests {
             ("REDIS_USERNAME", "sse"),
             ("REDIS_PASSWORD", "p@ss:w/rd"),
             ("REDIS_DB", "2"),
-            ("REDIS_USE_SSL", "true"),
         ])
         .unwrap();
-        let StoreConfig::Redis { url, .. } = &c.store else {
+        let StoreConfig::Redis { url, cluster, .. } = &c.store else {
             panic!("not redis")
         };
-        assert_eq!(url, "rediss://sse:p%40ss%3Aw%2Frd@cache:6379/2");
+        assert_eq!(url, "redis://sse:p%40ss%3Aw%2Frd@cache:6379/2");
+        assert!(!cluster);
         assert_eq!(
             format!("{:?}", c.store),
-            "redis rediss://***@cache:6379/2 (change log ~10000)"
+            "redis redis://***@cache:6379/2 (change log ~10000)"
         );
         let c = cfg(&[
             ("SSE_AUTHENTICATION_TOKEN", "t"),
@@ -488,6 +559,113 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(c.store, StoreConfig::Redis { ref url, .. } if url == "redis://h:1/0"));
+    }
+
+    #[test]
+    fn tls_needs_the_tls_feature() {
+        let parts = [
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_HOST", "cache"),
+            ("REDIS_PASSWORD", "secret"),
+            ("REDIS_USE_SSL", "true"),
+        ];
+        let url = [
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_URL", "rediss://cache:6380/0"),
+        ];
+        let url_and_flag = [
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_URL", "redis://cache:6380/0"),
+            ("REDIS_USE_SSL", "1"),
+        ];
+        if cfg!(feature = "tls") {
+            let c = cfg(&parts).unwrap();
+            assert!(
+                matches!(&c.store, StoreConfig::Redis { url, .. } if url == "rediss://:secret@cache:6379/0")
+            );
+            assert_eq!(
+                format!("{:?}", c.store),
+                "redis rediss://***@cache:6379/0 (change log ~10000)"
+            );
+            let c = cfg(&url_and_flag).unwrap();
+            assert!(
+                matches!(&c.store, StoreConfig::Redis { url, .. } if url == "rediss://cache:6380/0")
+            );
+            assert!(cfg(&url).is_ok());
+        } else {
+            let e = cfg(&parts).unwrap_err();
+            assert_eq!(e.var, "REDIS_USE_SSL");
+            assert!(e.problem.contains("--features tls"), "{e}");
+            assert_eq!(cfg(&url_and_flag).unwrap_err().var, "REDIS_USE_SSL");
+            assert_eq!(cfg(&url).unwrap_err().var, "REDIS_URL");
+        }
+    }
+
+    #[test]
+    fn cluster_mode() {
+        let seeds = [
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("USE_CLUSTER_MODE", "true"),
+            ("REDIS_URL", "redis://:pw@a:7000, redis://:pw@b:7001"),
+        ];
+        if !cfg!(feature = "cluster") {
+            let e = cfg(&seeds).unwrap_err();
+            assert_eq!(e.var, "USE_CLUSTER_MODE");
+            assert!(e.problem.contains("--features cluster"), "{e}");
+            return;
+        }
+        let c = cfg(&seeds).unwrap();
+        let StoreConfig::Redis { url, cluster, .. } = &c.store else {
+            panic!("not redis")
+        };
+        assert_eq!(url, "redis://:pw@a:7000,redis://:pw@b:7001");
+        assert!(cluster);
+        assert_eq!(
+            format!("{:?}", c.store),
+            "redis cluster redis://***@a:7000,redis://***@b:7001 (change log ~10000)"
+        );
+        for (var, val, wrong) in [
+            ("REDIS_URL", "redis://a:1,http://b:2", "REDIS_URL"),
+            ("REDIS_URL", "redis://a:1,rediss://b:2", "REDIS_URL"),
+            ("REDIS_DB", "3", "REDIS_DB"),
+            ("USE_CLUSTER_MODE", "maybe", "USE_CLUSTER_MODE"),
+        ] {
+            let mut env = vec![
+                ("SSE_AUTHENTICATION_TOKEN", "t"),
+                ("USE_CLUSTER_MODE", "true"),
+                ("REDIS_HOST", "a"),
+            ];
+            env.retain(|(k, _)| *k != var);
+            env.push((var, val));
+            assert_eq!(cfg(&env).unwrap_err().var, wrong, "{var}={val}");
+        }
+        let e = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("USE_CLUSTER_MODE", "yes"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "USE_CLUSTER_MODE");
+        // Without cluster mode a comma belongs to the URL.
+        let c = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_URL", "redis://:a,b@h:1/0"),
+        ])
+        .unwrap();
+        assert!(
+            matches!(&c.store, StoreConfig::Redis { url, cluster: false, .. } if url == "redis://:a,b@h:1/0")
+        );
+    }
+
+    #[test]
+    fn redacted_urls_hide_every_password() {
+        assert_eq!(redact_url("redis://u:p@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(
+            redact_url("rediss://:p@a:1,rediss://:p@b:2"),
+            "rediss://***@a:1,rediss://***@b:2"
+        );
+        assert_eq!(redact_url("redis://:se,cret@h:1"), "redis://***@h:1");
+        assert_eq!(redact_url("nonsense"), "<unparseable URL>");
     }
 
     #[test]

@@ -147,7 +147,16 @@ pub fn open_store(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
         StoreConfig::Redis {
             url,
             changelog_maxlen,
+            cluster: false,
         } => Ok(Box::new(store::redis::RedisStore::new(
+            url,
+            *changelog_maxlen,
+        )?)),
+        StoreConfig::Redis {
+            url,
+            changelog_maxlen,
+            cluster: true,
+        } => Ok(Box::new(store::redis::RedisStore::new_cluster(
             url,
             *changelog_maxlen,
         )?)),

@@ -20,10 +20,17 @@
 //! The blocking client lives on the helper thread only. It connects lazily with a connect
 //! timeout, reads and writes with timeouts, and after a failure waits with exponential backoff
 //! (capped at [`BACKOFF_CAP`]) before it tries again, answering errors at once meanwhile.
+//!
+//! With the `tls` feature, `rediss://` URLs connect over TLS (rustls; the trusted CAs are the
+//! system's, or those in `SSL_CERT_FILE` / `SSL_CERT_DIR`). With the `cluster` feature the same
+//! store runs against a Redis Cluster: every key sits in the slot of `{flagsmith_sse}`, so each
+//! command goes to the one node that holds it, and the other nodes are never needed.
 
 use super::{Change, CommandStats, Fetched, Store, StoreError};
 use crate::timestamp::Micros;
-use ::redis::{Client, Connection, ErrorKind, FromRedisValue, RedisError, RedisResult, Value};
+use ::redis::{
+    Client, Connection, ConnectionLike, ErrorKind, FromRedisValue, RedisError, RedisResult, Value,
+};
 use log::{debug, info, warn};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -132,6 +139,7 @@ enum Delta {
 /// Update times in Redis.
 pub struct RedisStore {
     url: String,
+    cluster: bool,
     changelog_maxlen: u64,
     link: Link,
     cursor: Option<Cursor>,
@@ -146,29 +154,68 @@ pub struct RedisStore {
 impl RedisStore {
     /// Checks `url` and prepares a client; the connection is opened by the first command.
     pub fn new(url: &str, changelog_maxlen: u64) -> Result<RedisStore, StoreError> {
-        if url.starts_with("rediss://") {
-            return Err(StoreError(
-                "TLS to Redis (rediss:// or REDIS_USE_SSL) is not supported by this build; \
-                 use redis:// (e.g. behind a TLS sidecar)"
-                    .into(),
-            ));
-        }
+        check_tls(url)?;
         let client = Client::open(url)
             .map_err(|e| StoreError(format!("{}: {e}", crate::config::redact_url(url))))?;
+        Ok(RedisStore::with_target(
+            url,
+            Target::Node(client),
+            changelog_maxlen,
+        ))
+    }
+
+    /// Like [`RedisStore::new`] for a Redis Cluster: `nodes` is one or more comma-separated
+    /// seed URLs, from which the client learns the rest of the cluster. Needs the `cluster`
+    /// feature.
+    pub fn new_cluster(nodes: &str, changelog_maxlen: u64) -> Result<RedisStore, StoreError> {
+        check_tls(nodes)?;
+        #[cfg(feature = "cluster")]
+        {
+            let seeds: Vec<&str> = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .collect();
+            // No retries inside the client: a timed-out command retried on the same connection
+            // would read the late reply of the first one. Errors come back to `Link`, which
+            // drops the whole connection and reconnects (with a fresh slot map).
+            let client = ::redis::cluster::ClusterClientBuilder::new(seeds)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(IO_TIMEOUT)
+                .retries(0)
+                .build()
+                .map_err(|e| StoreError(format!("{}: {e}", crate::config::redact_url(nodes))))?;
+            Ok(RedisStore::with_target(
+                nodes,
+                Target::Cluster(client),
+                changelog_maxlen,
+            ))
+        }
+        #[cfg(not(feature = "cluster"))]
+        {
+            let _ = changelog_maxlen;
+            Err(StoreError(
+                "Redis Cluster support is not in this build (cargo feature `cluster`)".into(),
+            ))
+        }
+    }
+
+    fn with_target(url: &str, target: Target, changelog_maxlen: u64) -> RedisStore {
         let instance_id = format!(
             "{:x}-{:x}",
             crate::timestamp::now_micros(),
             std::process::id()
         );
-        Ok(RedisStore {
+        RedisStore {
             url: url.to_owned(),
+            cluster: !matches!(target, Target::Node(_)),
             changelog_maxlen: changelog_maxlen.max(1),
-            link: Link::new(client),
+            link: Link::new(target),
             cursor: None,
             instance_id,
             writes: 0,
             script_sha: ::redis::Script::new(WRITE_SCRIPT).get_hash().to_owned(),
-        })
+        }
     }
 
     fn snapshot(&mut self) -> Result<Fetched, StoreError> {
@@ -193,7 +240,8 @@ impl RedisStore {
 impl Store for RedisStore {
     fn describe(&self) -> String {
         format!(
-            "Redis at {} (change log ~{} entries)",
+            "Redis{} at {} (change log ~{} entries)",
+            if self.cluster { " Cluster" } else { "" },
             crate::config::redact_url(&self.url),
             self.changelog_maxlen
         )
@@ -274,10 +322,72 @@ impl Store for RedisStore {
     }
 }
 
+/// Refuses `rediss://` when TLS is not compiled in (the configuration refuses it first).
+fn check_tls(url: &str) -> Result<(), StoreError> {
+    if cfg!(not(feature = "tls")) && url.contains("rediss://") {
+        return Err(StoreError(
+            "TLS to Redis (rediss:// or REDIS_USE_SSL) is not in this build (cargo feature `tls`)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Where to connect.
+enum Target {
+    /// One Redis server.
+    Node(Client),
+    /// A Redis Cluster.
+    #[cfg(feature = "cluster")]
+    Cluster(::redis::cluster::ClusterClient),
+}
+
+impl Target {
+    /// Opens a connection whose reads and writes time out.
+    fn open(&self) -> RedisResult<Conn> {
+        match self {
+            Target::Node(client) => {
+                let c = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+                c.set_read_timeout(Some(IO_TIMEOUT))?;
+                c.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(Conn::Node(c))
+            }
+            // Each node's connection is opened, its set-up round trip included, within the
+            // connect timeout (the client's PING that follows has none, but comes right after
+            // the node answered); the cluster connection keeps these read and write timeouts
+            // for every node it adds later.
+            #[cfg(feature = "cluster")]
+            Target::Cluster(client) => {
+                let c = client.get_connection()?;
+                c.set_read_timeout(Some(IO_TIMEOUT))?;
+                c.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(Conn::Cluster(Box::new(c)))
+            }
+        }
+    }
+}
+
+/// An open connection.
+enum Conn {
+    Node(Connection),
+    #[cfg(feature = "cluster")]
+    Cluster(Box<::redis::cluster::ClusterConnection>),
+}
+
+impl Conn {
+    fn like(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Conn::Node(c) => c,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => c,
+        }
+    }
+}
+
 /// The connection, its backoff state and its counters.
 struct Link {
-    client: Client,
-    conn: Option<Connection>,
+    target: Target,
+    conn: Option<Conn>,
     /// Connection-level failures in a row.
     failures: u32,
     /// No connection attempt before this time.
@@ -287,9 +397,9 @@ struct Link {
 }
 
 impl Link {
-    fn new(client: Client) -> Link {
+    fn new(target: Target) -> Link {
         Link {
-            client,
+            target,
             conn: None,
             failures: 0,
             retry_at: None,
@@ -312,15 +422,7 @@ impl Link {
                 )));
             }
             count(&mut self.stats, Cmd::Connect);
-            let conn = self
-                .client
-                .get_connection_with_timeout(CONNECT_TIMEOUT)
-                .and_then(|c| {
-                    c.set_read_timeout(Some(IO_TIMEOUT))?;
-                    c.set_write_timeout(Some(IO_TIMEOUT))?;
-                    Ok(c)
-                });
-            let mut conn = match conn {
+            let mut conn = match self.target.open() {
                 Ok(c) => c,
                 Err(e) => {
                     fail(&mut self.stats, Cmd::Connect);
@@ -355,11 +457,12 @@ impl Link {
         StoreError(format!("Redis: {e}"))
     }
 
-    /// Runs `op` on the connection. A connection that went stale while idle (Redis restarted)
-    /// gets one immediate retry on a new connection; other failures start the backoff.
+    /// Runs `op` on the connection. A connection that went stale while idle (Redis restarted),
+    /// or a cluster connection whose slot map is out of date, gets one immediate retry on a new
+    /// connection; other failures start the backoff.
     fn run<T>(
         &mut self,
-        mut op: impl FnMut(&mut Connection, &mut Stats) -> RedisResult<T>,
+        mut op: impl FnMut(&mut Conn, &mut Stats) -> RedisResult<T>,
     ) -> Result<T, StoreError> {
         let mut retried = false;
         loop {
@@ -375,12 +478,14 @@ impl Link {
                     return Ok(v);
                 }
                 // An error reply: the connection is fine and in step.
-                Err(e) if e.code().is_some() && !e.is_io_error() => {
+                Err(e) if e.code().is_some() && !e.is_io_error() && !e.is_cluster_error() => {
                     return Err(StoreError(format!("Redis: {e}")));
                 }
                 Err(e) => {
                     let err = self.failed(&e);
-                    if reused && !retried && e.is_connection_dropped() && !e.is_timeout() {
+                    let stale =
+                        (e.is_connection_dropped() && !e.is_timeout()) || e.is_cluster_error();
+                    if reused && !retried && stale {
                         retried = true;
                         self.retry_at = None;
                         continue;
@@ -402,10 +507,29 @@ fn backoff(failures: u32) -> Duration {
     (BACKOFF_FIRST * (1u32 << doublings)).min(BACKOFF_CAP)
 }
 
-fn load_script(conn: &mut Connection, stats: &mut Stats) -> RedisResult<()> {
+fn load_script(conn: &mut Conn, stats: &mut Stats) -> RedisResult<()> {
     let mut cmd = ::redis::cmd("SCRIPT");
     cmd.arg("LOAD").arg(WRITE_SCRIPT);
-    query::<String>(conn, stats, Cmd::ScriptLoad, &cmd).map(|_| ())
+    match conn {
+        Conn::Node(_) => query::<String>(conn, stats, Cmd::ScriptLoad, &cmd).map(|_| ()),
+        // Left to itself the cluster client sends SCRIPT LOAD to every node and fails while
+        // any one is down; only the node holding the keys runs the script.
+        #[cfg(feature = "cluster")]
+        Conn::Cluster(c) => {
+            use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+            count(stats, Cmd::ScriptLoad);
+            let route = Route::with_key(TIMES_KEY, SlotAddr::Master);
+            c.route_command(
+                &cmd,
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+            )
+            .and_then(|v| match text(&v) {
+                Some(_) => Ok(()),
+                None => Err(unexpected("SCRIPT LOAD reply is not a hash")),
+            })
+            .inspect_err(|_| fail(stats, Cmd::ScriptLoad))
+        }
+    }
 }
 
 fn count(stats: &mut Stats, c: Cmd) {
@@ -417,18 +541,18 @@ fn fail(stats: &mut Stats, c: Cmd) {
 }
 
 fn query<T: FromRedisValue>(
-    conn: &mut Connection,
+    conn: &mut Conn,
     stats: &mut Stats,
     c: Cmd,
     cmd: &::redis::Cmd,
 ) -> RedisResult<T> {
     count(stats, c);
-    cmd.query(conn).inspect_err(|_| fail(stats, c))
+    cmd.query(conn.like()).inspect_err(|_| fail(stats, c))
 }
 
 /// Sends `pipe` (made of `cmds`, in order) in one round trip.
 fn query_pipe(
-    conn: &mut Connection,
+    conn: &mut Conn,
     stats: &mut Stats,
     cmds: &[Cmd],
     pipe: &::redis::Pipeline,
@@ -436,7 +560,18 @@ fn query_pipe(
     for &c in cmds {
         count(stats, c);
     }
-    let out: RedisResult<Vec<Value>> = pipe.query(conn);
+    let out: RedisResult<Vec<Value>> = match conn {
+        Conn::Node(c) => pipe.query(c),
+        // The commands share a slot, so the cluster pipeline sends them to one node together.
+        #[cfg(feature = "cluster")]
+        Conn::Cluster(c) => {
+            let mut cluster_pipe = ::redis::cluster::cluster_pipe();
+            for cmd in pipe.cmd_iter() {
+                cluster_pipe.add_command(cmd.clone());
+            }
+            cluster_pipe.query(c)
+        }
+    };
     match out {
         Ok(v) if v.len() == cmds.len() => Ok(v),
         Ok(_) => {
@@ -459,7 +594,7 @@ fn unexpected(what: &'static str) -> RedisError {
 }
 
 /// Reads the log from the cursor, page by page.
-fn read_log(conn: &mut Connection, stats: &mut Stats, cursor: &Cursor) -> RedisResult<Delta> {
+fn read_log(conn: &mut Conn, stats: &mut Stats, cursor: &Cursor) -> RedisResult<Delta> {
     let mut changes = Vec::new();
     let mut last = cursor.last.clone();
     for _ in 0..MAX_LOG_PAGES {
@@ -528,7 +663,7 @@ fn read_log(conn: &mut Connection, stats: &mut Stats, cursor: &Cursor) -> RedisR
 
 /// Notes the epoch and the newest log entry, then scans the hash.
 fn snapshot(
-    conn: &mut Connection,
+    conn: &mut Conn,
     stats: &mut Stats,
 ) -> RedisResult<(Cursor, HashMap<Box<str>, Micros>)> {
     let mut pipe = ::redis::pipe();
@@ -893,8 +1028,22 @@ mod tests {
     #[test]
     fn bad_urls_are_refused_at_start() {
         assert!(RedisStore::new("redis://[bad", 10).is_err());
-        assert!(RedisStore::new("rediss://127.0.0.1:6379/0", 10).is_err());
+        assert_eq!(
+            RedisStore::new("rediss://127.0.0.1:6379/0", 10).is_ok(),
+            cfg!(feature = "tls")
+        );
+        assert_eq!(
+            RedisStore::new_cluster("redis://127.0.0.1:1,redis://127.0.0.1:2", 10).is_ok(),
+            cfg!(feature = "cluster")
+        );
         let s = RedisStore::new("redis://user:secret@127.0.0.1:1/0", 10).unwrap();
         assert!(!s.describe().contains("secret"));
+        if cfg!(feature = "cluster") {
+            let s = RedisStore::new_cluster("redis://:secret@a:1,redis://:secret@b:2", 10).unwrap();
+            assert_eq!(
+                s.describe(),
+                "Redis Cluster at redis://***@a:1,redis://***@b:2 (change log ~10 entries)"
+            );
+        }
     }
 }

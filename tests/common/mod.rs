@@ -193,6 +193,10 @@ pub struct Redis {
     /// Its port.
     pub port: u16,
     dir: std::path::PathBuf,
+    /// Its arguments after the common ones, for [`Redis::restart`].
+    extra: Vec<String>,
+    /// What `redis-cli` needs besides host and port (TLS, credentials).
+    cli_args: Vec<String>,
 }
 
 impl Redis {
@@ -212,9 +216,52 @@ impl Redis {
     /// Starts `redis-server` on `port` (e.g. again after [`Redis::stop`]).
     #[track_caller]
     pub fn start_on(port: u16, extra: &[&str]) -> Redis {
+        Redis::start_with_cli(port, extra, &[])
+    }
+
+    /// Starts `redis-server` on `port`; `redis-cli` gets `cli_args` (e.g. `--tls`, `--user`).
+    #[track_caller]
+    pub fn start_with_cli(port: u16, extra: &[&str], cli_args: &[&str]) -> Redis {
         let dir = std::env::temp_dir().join(format!("fsse-redis-{}-{port}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
-        let child = Command::new("redis-server")
+        let mut r = Redis {
+            child: Redis::spawn(port, &dir, extra),
+            port,
+            dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            cli_args: cli_args.iter().map(|a| a.to_string()).collect(),
+        };
+        r.wait_up();
+        r
+    }
+
+    /// Stops the server and starts it again with the same arguments and directory.
+    #[track_caller]
+    pub fn restart(&mut self) {
+        self.stop();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Redis::spawn(self.port, &self.dir, &extra);
+        self.wait_up();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    #[track_caller]
+    fn wait_up(&mut self) {
+        let up = wait_until(Duration::from_secs(10), || {
+            self.cli(&["PING"]).is_some_and(|o| o.contains("PONG"))
+        });
+        if !up {
+            self.stop();
+            panic!("redis-server did not start");
+        }
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
+        Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -226,20 +273,12 @@ impl Redis {
                 "no",
             ])
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (the README's test command installs it)");
-        let r = Redis { child, port, dir };
-        assert!(
-            wait_until(Duration::from_secs(10), || r
-                .cli(&["PING"])
-                .is_some_and(|o| o.contains("PONG"))),
-            "redis-server did not start"
-        );
-        r
+            .expect("redis-server must be installed (the README's test command installs it)")
     }
 
     /// The URL to give the server.
@@ -251,6 +290,7 @@ impl Redis {
     pub fn cli(&self, args: &[&str]) -> Option<String> {
         let out = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.cli_args)
             .args(args)
             .stderr(Stdio::null())
             .output()
@@ -906,4 +946,258 @@ pub fn median_max(samples: &[Duration]) -> (Duration, Duration) {
         v.get(v.len() / 2).copied().unwrap_or_default(),
         v.last().copied().unwrap_or_default(),
     )
+}
+
+/// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`, made with
+/// `openssl` in a temporary directory that is removed on drop.
+pub struct Certs {
+    /// The directory holding `ca.crt`, `server.crt` and `server.key`.
+    pub dir: std::path::PathBuf,
+}
+
+impl Certs {
+    /// Generates the certificates (ECDSA P-256, valid for a day); `name` keeps sets apart.
+    #[track_caller]
+    pub fn generate(name: &str) -> Certs {
+        let dir = std::env::temp_dir().join(format!("fsse-certs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("certificate directory");
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        let ca_subject = format!("/CN=flagsmith-sse test CA {name}");
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let steps = [
+            format!("req -x509 {ec} -keyout ca.key -out ca.crt -days 1 -subj"),
+            format!("req -new {ec} -keyout server.key -out server.csr -subj /CN=localhost"),
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt \
+             -days 1 -extfile server.ext"
+                .to_owned(),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            let mut cmd = Command::new("openssl");
+            cmd.current_dir(&dir).args(step.split_whitespace());
+            if i == 0 {
+                cmd.arg(&ca_subject);
+            }
+            let out = cmd
+                .output()
+                .expect("openssl must be installed (the README's test command installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {step}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Certs { dir }
+    }
+
+    /// A file in the directory, as a string.
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Redis {
+    /// Starts `redis-server` that speaks only TLS, on a free port, with `certs`' server
+    /// certificate; clients need no certificate of their own.
+    #[track_caller]
+    pub fn start_tls(certs: &Certs) -> Redis {
+        let (cert, key, ca) = (
+            certs.path("server.crt"),
+            certs.path("server.key"),
+            certs.path("ca.crt"),
+        );
+        // The common `--port` is overridden: no plain-text port, TLS on this one.
+        let port = free_port();
+        let tls_port = port.to_string();
+        Redis::start_with_cli(
+            port,
+            &[
+                "--port",
+                "0",
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ],
+            &["--tls", "--cacert", &ca],
+        )
+    }
+}
+
+/// A Redis Cluster of three primaries on free ports (client and bus), joined with
+/// `redis-cli --cluster create`. Its nodes are stopped by pid on drop.
+pub struct Cluster {
+    /// The nodes.
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    /// Starts three nodes, creates the cluster and waits until every node says it is ok.
+    #[track_caller]
+    pub fn start() -> Cluster {
+        let nodes: Vec<Redis> = (0..3)
+            .map(|_| {
+                let bus = free_port().to_string();
+                Redis::start_on(
+                    free_port(),
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-port",
+                        &bus,
+                        // No node is marked as failed while a test stops or restarts one.
+                        "--cluster-node-timeout",
+                        "60000",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let c = Cluster { nodes };
+        assert!(
+            c.wait_ok(Duration::from_secs(20)),
+            "the cluster did not become ok"
+        );
+        c
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    pub fn wait_ok(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "INFO"])
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+            })
+        })
+    }
+
+    /// Every node's URL, comma-separated: the seed list for `REDIS_URL`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Redis::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node that holds `key`'s slot.
+    #[track_caller]
+    pub fn owner_of(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .and_then(|s| s.trim().parse().ok())
+            .expect("CLUSTER KEYSLOT");
+        let owns = |n: &Redis| {
+            let nodes = n.cli(&["CLUSTER", "NODES"]).unwrap_or_default();
+            let Some(me) = nodes.lines().find(|l| l.contains("myself")) else {
+                return false;
+            };
+            me.split_whitespace().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            })
+        };
+        self.nodes
+            .iter()
+            .position(owns)
+            .unwrap_or_else(|| panic!("no node holds slot {slot}"))
+    }
+}
+
+/// The status `/health/readiness/` answers.
+#[track_caller]
+pub fn readiness(addr: SocketAddr) -> u16 {
+    request(
+        addr,
+        b"GET /health/readiness/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .status
+}
+
+/// Waits (10 s at most) until the server's readiness is 200.
+#[track_caller]
+pub fn wait_ready(server: &Server) {
+    assert!(
+        wait_until(Duration::from_secs(10), || readiness(server.addr) == 200),
+        "instance not ready; log:\n{}",
+        server.log()
+    );
+}
+
+/// `micros` as epoch seconds, the way the server writes `updated_at`.
+pub fn epoch_text(micros: i64) -> String {
+    let mut out = Vec::new();
+    flagsmith_sse::timestamp::write_epoch_seconds(micros, &mut out);
+    String::from_utf8(out).unwrap()
+}
+
+/// POSTs `micros` (as epoch seconds) for `key`.
+#[track_caller]
+pub fn post_micros(addr: SocketAddr, key: &str, micros: i64) -> Response {
+    queue_change(
+        addr,
+        key,
+        &format!("{{\"updated_at\": {}}}", epoch_text(micros)),
+    )
+}
+
+/// Asks for a stream and reads only the response head: (status, whether Retry-After is set).
+#[track_caller]
+pub fn stream_head(addr: SocketAddr, key: &str) -> (u16, bool) {
+    let mut sock = TcpStream::connect(addr).expect("connect");
+    let req = format!("GET /sse/environments/{key}/stream HTTP/1.1\r\nHost: t\r\n\r\n");
+    sock.write_all(req.as_bytes()).expect("send request");
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match sock.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!("response head incomplete: {other:?}"),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, head.contains("\r\nretry-after:"))
 }

@@ -1,0 +1,336 @@
+//! `USE_CLUSTER_MODE=true` against a real three-node Redis Cluster started by the test on free
+//! ports: changes between instances, all keys in the one slot of `{flagsmith_sse}`, and the
+//! node holding that slot restarting empty.
+//!
+//! The tests run one at a time (each starts three redis-server processes and two instances).
+#![cfg(feature = "cluster")]
+
+mod common;
+use common::*;
+use flagsmith_sse::store::redis::{EPOCH_KEY, LOG_KEY, TIMES_KEY};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A time with non-zero microseconds (2025-01-12T18:06:42.028061Z).
+const BASE: i64 = 1_736_705_202_028_061;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An instance in cluster mode with `nodes` as its seeds.
+#[track_caller]
+fn instance(nodes: &str) -> Server {
+    Server::start(&[
+        ("USE_CLUSTER_MODE", "true"),
+        ("REDIS_URL", nodes),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
+        ("STREAM_DELAY", "0"),
+        ("MAX_STREAM_AGE", "-1"),
+    ])
+}
+
+#[track_caller]
+fn post_ok(server: &Server, key: &str, micros: i64) {
+    let r = post_micros(server.addr, key, micros);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains(&epoch_text(micros)), "{}", r.text());
+}
+
+/// Every update until none comes for `quiet`.
+fn updates_until_quiet(sub: &mut Subscriber, quiet: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(v) = sub.next_update(quiet) {
+        out.push(v);
+    }
+    out
+}
+
+#[test]
+fn changes_cross_instances_through_the_node_holding_the_slot() {
+    let _serial = serial();
+    let cluster = Cluster::start();
+    let owner = cluster.owner_of("{flagsmith_sse}");
+    // One instance knows a single node, and not the one with the keys: it finds the rest.
+    let seed = (owner + 1) % cluster.nodes.len();
+    let a = instance(&cluster.nodes[seed].url());
+    let b = instance(&cluster.urls());
+    wait_ready(&a);
+    wait_ready(&b);
+    assert!(
+        a.log().contains("redis cluster redis://127.0.0.1:"),
+        "{}",
+        a.log()
+    );
+    assert!(a.log().contains("using Redis Cluster at"), "{}", a.log());
+
+    let mut on_b = Subscriber::connect(b.addr, "cluster-env");
+    post_ok(&a, "cluster-env", BASE);
+    assert_eq!(
+        on_b.next_update(Duration::from_secs(3)),
+        Some(epoch_text(BASE))
+    );
+    let mut on_a = Subscriber::connect(a.addr, "cluster-env");
+    assert_eq!(
+        on_a.next_update(Duration::from_secs(2)),
+        Some(epoch_text(BASE))
+    );
+    post_ok(&b, "cluster-env", BASE + 1_000_001);
+    post_ok(&b, "other-env", BASE + 2);
+    assert_eq!(
+        on_a.next_update(Duration::from_secs(3)),
+        Some(epoch_text(BASE + 1_000_001))
+    );
+    // Older and repeated times move nothing.
+    let r = post_micros(a.addr, "cluster-env", BASE);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains(&epoch_text(BASE + 1_000_001)),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        updates_until_quiet(&mut on_b, Duration::from_millis(600)),
+        vec![epoch_text(BASE + 1_000_001)]
+    );
+
+    // Every key is on the owner of the hash tag's slot; the other nodes hold nothing.
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let keys = node.cli(&["DBSIZE"]).unwrap_or_default();
+        let want = if i == owner { "3" } else { "0" };
+        assert_eq!(keys.trim(), want, "node {i} (owner {owner})");
+    }
+    let holder = &cluster.nodes[owner];
+    for key in [TIMES_KEY, LOG_KEY, EPOCH_KEY] {
+        assert_eq!(
+            holder.cli(&["EXISTS", key]).unwrap_or_default().trim(),
+            "1",
+            "{key}"
+        );
+    }
+    assert_eq!(
+        holder
+            .cli(&["HGET", TIMES_KEY, "cluster-env"])
+            .unwrap_or_default()
+            .trim(),
+        (BASE + 1_000_001).to_string()
+    );
+    assert_eq!(
+        holder.cli(&["XLEN", LOG_KEY]).unwrap_or_default().trim(),
+        "3"
+    );
+    let m = b.metrics();
+    assert_eq!(
+        m["flagsmith_sse_redis_errors_total{command=\"evalsha\"}"],
+        0.0
+    );
+    assert_eq!(
+        m["flagsmith_sse_redis_commands_total{command=\"evalsha\"}"],
+        2.0
+    );
+}
+
+#[test]
+fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
+    let _serial = serial();
+    let mut cluster = Cluster::start();
+    let owner = cluster.owner_of("{flagsmith_sse}");
+    let a = instance(&cluster.urls());
+    let b = instance(&cluster.urls());
+    wait_ready(&a);
+    wait_ready(&b);
+    let mut on_a = Subscriber::connect(a.addr, "restart-env");
+    let mut on_b = Subscriber::connect(b.addr, "restart-env");
+    let (t0, t1, t2, t3) = (BASE, BASE + 1_000_001, BASE + 2_000_001, BASE + 3_000_001);
+    post_ok(&a, "restart-env", t1);
+    assert_eq!(
+        on_a.next_update(Duration::from_secs(2)),
+        Some(epoch_text(t1))
+    );
+    assert_eq!(
+        on_b.next_update(Duration::from_secs(3)),
+        Some(epoch_text(t1))
+    );
+
+    // The owner dies (SIGKILL to its pid). It keeps no data (no RDB, no AOF).
+    cluster.nodes[owner].stop();
+    let killed = Instant::now();
+    for server in [&a, &b] {
+        assert!(
+            wait_until(Duration::from_secs(4), || readiness(server.addr) == 503),
+            "readiness stays 200 with the slot's node down:\n{}",
+            server.log()
+        );
+        let asked = Instant::now();
+        let r = post_micros(server.addr, "restart-env", t2);
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.header("retry-after").is_some());
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            asked.elapsed()
+        );
+        assert!(
+            wait_until(Duration::from_secs(3), || stream_head(
+                server.addr,
+                "restart-env-new"
+            ) == (503, true)),
+            "new subscriptions still accepted"
+        );
+    }
+    println!(
+        "both instances unavailable {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(
+        !on_a.ended && !on_b.ended,
+        "a stream was closed during the outage"
+    );
+
+    // It comes back on the same ports with its cluster configuration, and no data.
+    cluster.nodes[owner].restart();
+    let restarted = Instant::now();
+    assert!(
+        cluster.wait_ok(Duration::from_secs(20)),
+        "the cluster did not recover"
+    );
+    assert_eq!(cluster.owner_of("{flagsmith_sse}"), owner);
+    // An older time is stored again in the empty Redis; no client may see it.
+    assert!(
+        wait_until(Duration::from_secs(10), || post_micros(
+            b.addr,
+            "restart-env",
+            t0
+        )
+        .status
+            == 200),
+        "queue-change not accepted after the restart:\n{}",
+        b.log()
+    );
+    // a may still be waiting out its backoff.
+    assert!(
+        wait_until(Duration::from_secs(5), || post_micros(
+            a.addr,
+            "restart-env",
+            t3
+        )
+        .status
+            == 200),
+        "queue-change not accepted after the restart:\n{}",
+        a.log()
+    );
+    println!(
+        "writes accepted {:?} after the restart",
+        restarted.elapsed()
+    );
+    assert_eq!(
+        on_a.next_update(Duration::from_secs(3)),
+        Some(epoch_text(t3))
+    );
+    assert_eq!(
+        on_b.next_update(Duration::from_secs(3)),
+        Some(epoch_text(t3))
+    );
+    for server in [&a, &b] {
+        assert!(wait_until(Duration::from_secs(3), || readiness(
+            server.addr
+        ) == 200));
+        assert!(
+            server.wait_log("Redis lost or replaced its data", Duration::from_secs(3)),
+            "no resynchronisation logged:\n{}",
+            server.log()
+        );
+        let mut late = Subscriber::connect(server.addr, "restart-env");
+        assert_eq!(
+            late.next_update(Duration::from_secs(2)),
+            Some(epoch_text(t3))
+        );
+    }
+    let quiet = Duration::from_millis(800);
+    assert_eq!(updates_until_quiet(&mut on_a, quiet), Vec::<String>::new());
+    assert_eq!(updates_until_quiet(&mut on_b, quiet), Vec::<String>::new());
+    let errors: f64 = a
+        .metrics()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("flagsmith_sse_redis_errors_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(errors >= 1.0, "no Redis errors counted");
+}
+
+/// Sends `sig` to a process of the test's own.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+#[test]
+fn a_hung_node_holding_the_slot_makes_requests_fail_within_seconds() {
+    let _serial = serial();
+    let cluster = Cluster::start();
+    let owner = cluster.owner_of("{flagsmith_sse}");
+    let pid = cluster.nodes[owner].pid();
+    let a = instance(&cluster.urls());
+    wait_ready(&a);
+    let mut sub = Subscriber::connect(a.addr, "hung-env");
+    post_ok(&a, "hung-env", BASE);
+    assert_eq!(
+        sub.next_update(Duration::from_secs(2)),
+        Some(epoch_text(BASE))
+    );
+
+    // The node still accepts connections (the kernel does) but answers nothing. For five
+    // seconds, queue-changes keep coming (paced, not synchronised): each must be answered
+    // within a read timeout plus one reconnection, whose handshakes with the hung node time
+    // out, even after the backoff lets the instance try that node again.
+    signal(pid, "STOP");
+    let stopped = Instant::now();
+    let mut waits = Vec::new();
+    let mut i = 0;
+    while stopped.elapsed() < Duration::from_secs(5) {
+        i += 1;
+        let asked = Instant::now();
+        let r = post_micros(a.addr, "hung-env", BASE + i);
+        waits.push(asked.elapsed());
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.header("retry-after").is_some());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let slowest = waits.iter().max().copied().unwrap_or_default();
+    println!(
+        "{} queue-changes with the slot's node hung: 503 within {slowest:?}",
+        waits.len()
+    );
+    assert!(slowest < Duration::from_secs(6), "{waits:?}");
+    assert!(wait_until(Duration::from_secs(8), || readiness(a.addr) == 503));
+    assert!(!sub.ended);
+
+    signal(pid, "CONT");
+    let resumed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || post_micros(
+            a.addr,
+            "hung-env",
+            BASE + 99
+        )
+        .status
+            == 200),
+        "queue-change not accepted after the node resumed:\n{}",
+        a.log()
+    );
+    assert_eq!(
+        sub.next_update(Duration::from_secs(3)),
+        Some(epoch_text(BASE + 99))
+    );
+    assert!(wait_until(Duration::from_secs(3), || readiness(a.addr) == 200));
+    println!(
+        "accepted and delivered again {:?} after the node resumed",
+        resumed.elapsed()
+    );
+}
