@@ -150,3 +150,15 @@ fn bad_configuration_exits_2_naming_the_variable() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("STREAM_DELAY"));
 }
+
+#[test]
+fn readme_configuration_table_lists_every_variable() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for (name, _, _) in flagsmith_sse::config::VARIABLES {
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README's configuration table lacks {name}"
+        );
+    }
+}
