@@ -1,0 +1,295 @@
+//! Requests on HTTP connections: stepping the reader, refusing early, routing and answering.
+
+use super::*;
+
+impl Server {
+    /// Answers a refused request and closes the connection.
+    pub(super) fn fail(&mut self, token: usize, e: &HttpError) {
+        debug!("refusing a request: {e}");
+        if matches!(
+            e,
+            HttpError::BadRequest(_) | HttpError::HeadersTooLarge | HttpError::VersionNotSupported
+        ) {
+            self.metrics.reject(Rejection::BadRequest);
+        }
+        let mut out = Vec::new();
+        if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+            // Anything already queued (an earlier pipelined response) goes first.
+            out = std::mem::take(&mut h.out);
+            out.drain(..h.out_pos.min(out.len()));
+        }
+        out.extend_from_slice(&http::error_response(e));
+        self.linger(token, out);
+    }
+
+    pub(super) fn drive_http(&mut self, token: usize, now: u64) {
+        for _ in 0..MAX_STEPS_PER_TURN {
+            let Some(c) = self.conns.get_mut(token) else {
+                return;
+            };
+            let step = http_step(c, &mut self.scratch);
+            match step {
+                Step::Wait => return,
+                Step::Again => {}
+                Step::Close(why) => return self.close(token, why),
+                Step::Finish => return self.linger(token, Vec::new()),
+                Step::Fail(e) => {
+                    if e == HttpError::PayloadTooLarge {
+                        self.metrics.queue_change(QueueResult::TooLarge);
+                    }
+                    return self.fail(token, &e);
+                }
+                Step::Head => self.check_head(token),
+                Step::Request(head, body) => {
+                    self.dispatch(token, &head, &body, now);
+                    let timeout = ms(self.cfg.request_timeout);
+                    let closing = self.shutdown_at.is_some();
+                    if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+                        h.served += 1;
+                        h.continued = false;
+                        h.deadline = now + timeout;
+                        if !head.keep_alive || closing {
+                            h.close_after = true;
+                        }
+                        if !h.awaiting_store {
+                            self.schedule(token, now + timeout);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(c) = self.conns.get(token) {
+            self.revisit.push((token, c.serial));
+        }
+    }
+
+    /// A head arrived and its body has not: refuse early what will be refused anyway, and
+    /// send `100 Continue` when the client waits for it.
+    pub(super) fn check_head(&mut self, token: usize) {
+        let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) else {
+            return;
+        };
+        let Some(head) = &h.reader.head else { return };
+        if let (Route::QueueChange(_), Method::Post) = (&head.route, head.method)
+            && !http::authorized(head.authorization.as_deref(), &self.cfg.token.0)
+        {
+            self.metrics.queue_change(QueueResult::Unauthorized);
+            let out = unauthorized();
+            return self.linger(token, out);
+        }
+        if head.expect_continue
+            && !h.continued
+            && !h.reader.has_buffered()
+            && head.body != BodyFraming::None
+        {
+            h.continued = true;
+            h.respond(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+    }
+
+    pub(super) fn dispatch(&mut self, token: usize, head: &Head, body: &[u8], now: u64) {
+        let keep_alive = head.keep_alive && self.shutdown_at.is_none();
+        let head_only = head.method == Method::Head;
+        let json = |status: u16, extra: &str, body: &[u8]| {
+            http::response(
+                status,
+                "application/json",
+                extra,
+                body,
+                keep_alive,
+                head_only,
+            )
+        };
+        let out = match (&head.route, head.method) {
+            (Route::NotFound, _) => json(404, "", &http::detail_json("not found")),
+            (route, Method::Options) => {
+                let allow_headers = head
+                    .cors_request_headers
+                    .as_deref()
+                    .filter(|h| h.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+                    .unwrap_or("Authorization, Content-Type, Cache-Control, Last-Event-ID");
+                let extra = format!(
+                    "Allow: {0}\r\nAccess-Control-Allow-Methods: {0}\r\nAccess-Control-Allow-Headers: {allow_headers}\r\nAccess-Control-Max-Age: 86400\r\n",
+                    route.allow()
+                );
+                http::response(204, "text/plain", &extra, b"", keep_alive, true)
+            }
+            (route, m) if !route.allows(m) => json(
+                405,
+                &format!("Allow: {}\r\n", route.allow()),
+                &http::detail_json("method not allowed"),
+            ),
+            (Route::Liveness, _) => json(200, "", b"{\"status\": \"ok\"}"),
+            (Route::Readiness, _) => {
+                if self.store_ready {
+                    json(200, "", b"{\"status\": \"ok\"}")
+                } else {
+                    json(
+                        503,
+                        "Retry-After: 1\r\n",
+                        &http::detail_json("store unavailable"),
+                    )
+                }
+            }
+            (Route::Metrics, _) => {
+                let text = self.metrics.render(&self.gauges(now));
+                http::response(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    "",
+                    text.as_bytes(),
+                    keep_alive,
+                    head_only,
+                )
+            }
+            (Route::Stream(key), _) => {
+                let stale = now.saturating_sub(self.last_fetch_ok)
+                    > 3 * ms(self.cfg.cache_update_interval).max(1);
+                if self.shutdown_at.is_some() {
+                    json(
+                        503,
+                        "Retry-After: 1\r\n",
+                        &http::detail_json("shutting down"),
+                    )
+                } else if stale && !self.store_ready {
+                    self.metrics.reject(Rejection::StoreUnavailable);
+                    json(
+                        503,
+                        "Retry-After: 1\r\n",
+                        &http::detail_json("store unavailable"),
+                    )
+                } else {
+                    return self.subscribe(token, key, head.minor == 1, now);
+                }
+            }
+            (Route::QueueChange(key), _) => {
+                if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) {
+                    self.metrics.queue_change(QueueResult::Unauthorized);
+                    unauthorized_keep(keep_alive)
+                } else {
+                    match crate::json::parse_queue_change(body) {
+                        Err(e) => {
+                            self.metrics.queue_change(QueueResult::BadRequest);
+                            json(400, "", &http::detail_json(&e.to_string()))
+                        }
+                        Ok(time) => {
+                            let Some(c) = self.conns.get_mut(token) else {
+                                return;
+                            };
+                            let change = Change {
+                                key: key.clone(),
+                                time,
+                            };
+                            if let State::Http(h) = &mut c.state {
+                                h.awaiting_store = true;
+                            }
+                            self.pending_writes.push(((token, c.serial), change));
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+            h.respond(&out);
+        }
+    }
+
+    pub(super) fn gauges(&self, now: u64) -> Gauges {
+        Gauges {
+            subscribers_active: self.streams,
+            connections_open: self.conns.len(),
+            environments_cached: self.env_ids.len(),
+            last_fetch_age_seconds: now.saturating_sub(self.last_fetch_ok) as f64 / 1000.0,
+            store_ready: self.store_ready,
+        }
+    }
+}
+
+fn unauthorized() -> Vec<u8> {
+    unauthorized_keep(false)
+}
+
+fn unauthorized_keep(keep_alive: bool) -> Vec<u8> {
+    http::response(
+        401,
+        "application/json",
+        "WWW-Authenticate: Token\r\n",
+        b"{\"detail\": \"Invalid authorization header\"}",
+        keep_alive,
+        false,
+    )
+}
+
+/// What one step of request processing came to.
+enum Step {
+    /// Nothing more to do until the socket is ready again.
+    Wait,
+    /// Progress was made; step again.
+    Again,
+    /// A head is complete and its body is not.
+    Head,
+    /// A whole request.
+    Request(Head, Vec<u8>),
+    /// Refuse with an error response, then close.
+    Fail(HttpError),
+    /// The last response is out: hang up gracefully.
+    Finish,
+    /// Close now.
+    Close(Why),
+}
+
+/// One step of an HTTP connection: flush output, parse what is buffered, or read more.
+fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
+    let State::Http(h) = &mut c.state else {
+        return Step::Wait;
+    };
+    match h.flush(&mut c.sock) {
+        Io::Done => {}
+        Io::WouldBlock => return Step::Wait,
+        Io::Closed => return Step::Close(Why::Peer),
+        Io::Error(e) => {
+            debug!("write: {e}");
+            return Step::Close(Why::Error);
+        }
+    }
+    if h.awaiting_store {
+        return Step::Wait;
+    }
+    if h.close_after {
+        return Step::Finish;
+    }
+    match h.reader.poll() {
+        Err(e) => return Step::Fail(e),
+        Ok(Some(Parsed::Head)) => return Step::Head,
+        Ok(Some(Parsed::Request(head, body))) => return Step::Request(head, body),
+        Ok(None) => {}
+    }
+    if !c.readable {
+        return Step::Wait;
+    }
+    match conn::read_nb(&mut c.sock, scratch) {
+        (n, Io::Done) => {
+            h.reader.push(&scratch[..n]);
+            Step::Again
+        }
+        (_, Io::WouldBlock) => {
+            c.readable = false;
+            Step::Wait
+        }
+        (_, Io::Closed) => {
+            if h.reader.is_idle() {
+                Step::Close(Why::Peer)
+            } else {
+                // The peer stopped sending halfway through a request.
+                Step::Fail(HttpError::BadRequest(
+                    "connection closed before the request was complete",
+                ))
+            }
+        }
+        (_, Io::Error(e)) => {
+            debug!("read: {e}");
+            Step::Close(Why::Error)
+        }
+    }
+}
