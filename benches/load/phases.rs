@@ -1,0 +1,151 @@
+//! The measuring phases that need the workers: connecting, and latency rounds.
+
+use crate::clock::TimeSource;
+use crate::opts::Opts;
+use crate::pool::{Status, Workers};
+use crate::say;
+use crate::stats::Summary;
+use crate::target::Target;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Longest wait for all subscribers of a round to get its event.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time between collections of arrivals while a round is open.
+const COLLECT_EVERY: Duration = Duration::from_millis(100);
+
+pub struct Connected {
+    pub status: Status,
+    pub seconds: f64,
+    pub rate: f64,
+}
+
+pub fn connect_phase(w: &mut Workers, o: &Opts) -> Result<Connected, String> {
+    let n = o.subscribers as f64;
+    let budget = if o.rate > 0.0 {
+        n / o.rate * 2.0 + 30.0
+    } else {
+        n / 1000.0 + 60.0
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(budget.min(900.0));
+    let mut last_print = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let all = w.status()?;
+        let t = Status::total(&all);
+        let done = all.iter().all(|s| s.pending == 0 && s.inflight == 0);
+        if done || Instant::now() > deadline || last_print.elapsed() > Duration::from_secs(2) {
+            say(&format!(
+                "connecting: {} open, {} failed, {} in flight, {} waiting",
+                t.open, t.failed, t.inflight, t.pending
+            ));
+            last_print = Instant::now();
+        }
+        if done || Instant::now() > deadline {
+            let seconds = t.last.saturating_sub(t.first) as f64 / 1e9;
+            return Ok(Connected {
+                rate: if seconds > 0.0 {
+                    t.established as f64 / seconds
+                } else {
+                    0.0
+                },
+                seconds,
+                status: t,
+            });
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Latency {
+    pub rounds: usize,
+    pub publishes: usize,
+    pub expected: u64,
+    pub received: u64,
+    pub summary: Summary,
+    pub round_p99_ns: Vec<u64>,
+    /// Longest time from a round's first publish to its last.
+    pub publish_spread_ns: u64,
+    /// Time from sending a publish to its answer.
+    pub answered: Summary,
+}
+
+/// Runs latency rounds: each publishes one new time to every environment in its list, then
+/// collects arrivals until every open subscriber of those environments has it (or a timeout).
+pub fn latency_rounds(
+    w: &mut Workers,
+    t: &mut Target,
+    times: &mut TimeSource,
+    o: &Opts,
+    rounds: &[Vec<usize>],
+    counts: &[u64],
+) -> Result<Latency, String> {
+    let mut res = Latency::default();
+    let mut all = Vec::new();
+    let mut answered = Vec::new();
+    for (r, envs) in rounds.iter().enumerate() {
+        let started = Instant::now();
+        let mut pubs: HashMap<u32, (i64, u64)> = HashMap::new();
+        let mut first = u64::MAX;
+        let mut last = 0;
+        for &e in envs {
+            let time = times.next();
+            let (at, done) = t.publisher.publish(&o.env_key(e), time)?;
+            answered.push(done.saturating_sub(at));
+            first = first.min(at);
+            last = last.max(at);
+            pubs.insert(e as u32, (time, at));
+        }
+        res.publish_spread_ns = res.publish_spread_ns.max(last.saturating_sub(first));
+        res.publishes += envs.len();
+        let expected: u64 = envs
+            .iter()
+            .map(|&e| counts.get(e).copied().unwrap_or(0))
+            .sum();
+        let mut seen: HashSet<u32> = HashSet::new();
+        let mut samples = Vec::with_capacity(expected as usize);
+        let deadline = Instant::now() + ROUND_TIMEOUT;
+        loop {
+            std::thread::sleep(COLLECT_EVERY);
+            for rec in w.flush()? {
+                let Some(&(time, at)) = pubs.get(&rec.env) else {
+                    continue;
+                };
+                if (rec.time - time).abs() <= 2 && seen.insert(rec.id) {
+                    samples.push(rec.at.saturating_sub(at));
+                }
+            }
+            if seen.len() as u64 >= expected || Instant::now() > deadline {
+                break;
+            }
+        }
+        res.expected += expected;
+        res.received += samples.len() as u64;
+        let s = Summary::of(&mut samples);
+        res.round_p99_ns.push(s.p99);
+        say(&format!(
+            "round {}/{}: {} environment(s), {}/{} delivered, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            r + 1,
+            rounds.len(),
+            envs.len(),
+            samples.len(),
+            expected,
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.max)
+        ));
+        all.extend_from_slice(&samples);
+        res.rounds += 1;
+        let gap = Duration::from_secs_f64(o.round_gap);
+        if let Some(rest) = gap.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    res.summary = Summary::of(&mut all);
+    res.answered = Summary::of(&mut answered);
+    Ok(res)
+}
+
+pub fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
