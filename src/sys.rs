@@ -64,6 +64,18 @@ pub fn set_send_buffer(sock: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     )
 }
 
+/// Sets TCP_USER_TIMEOUT: the kernel aborts the connection (the socket reports ETIMEDOUT) when
+/// sent data stays unacknowledged, or the peer's window stays closed, for longer than this.
+pub fn set_user_timeout(sock: &impl AsRawFd, millis: u64) -> io::Result<()> {
+    let millis = millis.min(libc::c_int::MAX as u64) as libc::c_int;
+    setsockopt_int(
+        sock.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        millis,
+    )
+}
+
 /// Bytes written to a TCP socket that the peer has not acknowledged yet (SIOCOUTQ).
 pub fn unacked_bytes(sock: &impl AsRawFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;

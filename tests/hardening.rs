@@ -990,3 +990,49 @@ fn a_queue_change_whose_client_vanished_is_still_stored_and_delivered() {
     drop(watchers);
     wait_fds(&server, fds0, Duration::from_secs(5));
 }
+
+/// A reader whose unread events all fit in the kernel's buffers (so nothing is left queued in
+/// the server's user space) is still found stalled: the bytes sit unacknowledged behind a closed
+/// window, and it is dropped about a keep-alive interval later.
+#[test]
+fn a_reader_stalled_behind_kernel_buffers_is_dropped() {
+    let _serial = one_at_a_time();
+    let server = Server::start(&[
+        ("KEEPALIVE_SECONDS", "2"),
+        ("STREAM_DELAY", "0"),
+        ("MAX_STREAM_AGE", "-1"),
+    ]);
+    let mut stalled = connect_small_rcvbuf(server.addr, 1024);
+    stalled
+        .write_all(b"GET /sse/environments/kernel/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || subscribers(&server) == 1.0));
+    // A few events: more than the reader's window takes, fewer than fill the server's send buffer.
+    for i in 0..20u64 {
+        let body = format!("{{\"updated_at\": {}.5}}", 1_700_000_000 + i);
+        assert_eq!(queue_change(server.addr, "kernel", &body).status, 200);
+    }
+    let sent = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || subscribers(&server) == 0.0),
+        "the stalled reader was not dropped"
+    );
+    let after = sent.elapsed();
+    println!(
+        "stalled reader dropped {:.2} s after its last event (KEEPALIVE_SECONDS=2)",
+        after.as_secs_f64()
+    );
+    assert!(
+        after >= Duration::from_millis(1500),
+        "dropped before a keep-alive interval passed: {after:?}"
+    );
+    assert_eq!(rejected(&server, "stalled"), 1.0);
+    // A reader that keeps up is not touched.
+    let mut healthy = Subscriber::connect(server.addr, "kernel");
+    assert!(healthy.next_update(Duration::from_secs(5)).is_some());
+    assert!(
+        healthy.next(Duration::from_secs(5)).is_some(),
+        "no ping for the healthy reader"
+    );
+    assert_eq!(subscribers(&server), 1.0);
+}

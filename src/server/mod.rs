@@ -59,6 +59,8 @@ const RESERVED_FDS: u64 = 64;
 const MIN_RESERVED_FDS: u64 = 16;
 /// Retry delay when accepting failed for lack of descriptors (ms).
 const ACCEPT_RETRY_MS: u64 = 100;
+/// Keep-alive deadlines are rounded down to multiples of this (ms); see [`ping_due`].
+const PING_TICK_MS: u64 = 100;
 /// Hard limit after the shutdown grace period before the loop exits anyway (ms).
 const SHUTDOWN_SLACK_MS: u64 = 3_000;
 
@@ -515,24 +517,25 @@ impl Server {
                     s.ending = true;
                     s.enqueue(Piece::End);
                 }
-                let ping_due = s.last_write + keepalive - jitter(c.serial, keepalive);
-                let check_due = s
-                    .stall_mark
-                    .map_or(ping_due, |(t0, _)| (t0 + keepalive).min(ping_due));
-                if now >= check_due {
+                let ping_due = ping_due(s.last_write, c.serial, keepalive);
+                // Output stuck in user space since the mark: has the peer acknowledged anything
+                // since? (Bytes stuck in the kernel alone are the kernel's to time out: stream
+                // sockets carry TCP_USER_TIMEOUT, see `subscribe`.)
+                if let Some((t0, a0)) = s.stall_mark
+                    && now >= t0 + keepalive
+                {
                     let queued = sys::unacked_bytes(&c.sock).unwrap_or(0) as u64;
                     let pending = queued + s.pending_bytes() as u64;
                     let acked = s.written.saturating_sub(queued);
-                    match s.stall_mark {
-                        _ if pending == 0 => s.stall_mark = None,
-                        Some((_, a0)) if a0 != acked => s.stall_mark = Some((now, acked)),
-                        Some((t0, _)) if now < t0 + keepalive => {}
-                        _ => {
-                            debug!("closing a stalled reader ({pending} bytes pending)");
-                            self.metrics.reject(Rejection::Stalled);
-                            self.close(token, Why::Stalled);
-                            return;
-                        }
+                    if pending == 0 {
+                        s.stall_mark = None;
+                    } else if acked != a0 {
+                        s.stall_mark = Some((now, acked));
+                    } else {
+                        debug!("closing a stalled reader ({pending} bytes pending)");
+                        self.metrics.reject(Rejection::Stalled);
+                        self.close(token, Why::Stalled);
+                        return;
                     }
                 }
                 if now >= ping_due && s.out.is_none() && !s.ending {
@@ -570,10 +573,7 @@ impl Server {
                 (_, Io::Done) => {}
                 (_, Io::WouldBlock) => c.readable = false,
                 (_, Io::Closed) => return self.close(token, Why::Peer),
-                (_, Io::Error(e)) => {
-                    debug!("read: {e}");
-                    return self.close(token, Why::Error);
-                }
+                (_, Io::Error(e)) => return self.stream_failed(token, &e),
             }
         }
         let serial = c.serial;
@@ -678,6 +678,21 @@ impl Server {
         }
     }
 
+    /// Ends a stream whose socket failed. ETIMEDOUT is the kernel's TCP_USER_TIMEOUT: the
+    /// reader acknowledged nothing for a keep-alive interval.
+    fn stream_failed(&mut self, token: usize, e: &io::Error) {
+        if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+            debug!(
+                "closing a stalled reader (nothing acknowledged within the keep-alive interval)"
+            );
+            self.metrics.reject(Rejection::Stalled);
+            self.close(token, Why::Stalled);
+        } else {
+            debug!("stream socket: {e}");
+            self.close(token, Why::Error);
+        }
+    }
+
     fn close(&mut self, token: usize, why: Why) {
         if let Some(State::Stream(_)) = self.conns.get(token).map(|c| &c.state) {
             self.unsubscribe(token);
@@ -693,11 +708,18 @@ impl Server {
     }
 }
 
-/// The keep-alive jitter of a connection: up to a tenth of the interval, fixed per connection,
-/// so that subscribers who got the same event do not all ping at the same instant.
-fn jitter(serial: u64, keepalive: u64) -> u64 {
+/// When a stream that last wrote at `last_write` is due a keep-alive comment (ms).
+///
+/// Each connection pings up to a tenth of the interval early, by an offset fixed per connection,
+/// so that subscribers who got the same event do not all ping at the same instant. Deadlines are
+/// rounded down to ticks of [`PING_TICK_MS`] (at most a tenth of the interval), so that the loop
+/// wakes a few times a second to send the pings due, rather than once for each: the pings stay
+/// spread over the interval, in small groups.
+fn ping_due(last_write: u64, serial: u64, keepalive: u64) -> u64 {
     let h = serial.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-    h % (keepalive / 10 + 1)
+    let due = last_write + keepalive - h % (keepalive / 10 + 1);
+    let tick = PING_TICK_MS.min(keepalive / 10).max(1);
+    (due - due % tick).max(last_write + 1)
 }
 
 /// Tells a client that could not be taken on to come back later, without keeping it.

@@ -32,11 +32,13 @@ impl Server {
                     self.store_ready = false;
                 }
                 Reply::Written(results) => {
+                    // Answer every publisher first: its 200 need not wait for the fan-out.
+                    let mut stored_times = Vec::with_capacity(results.len());
                     for ((token, serial), change, result) in results {
                         let out = match result {
                             Ok(stored) => {
                                 self.metrics.queue_change(QueueResult::Ok);
-                                self.apply_time(&change.key, stored, now);
+                                stored_times.push((change.key, stored));
                                 let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
                                 timestamp::write_epoch_seconds(stored, &mut body);
                                 body.push(b'}');
@@ -49,6 +51,9 @@ impl Server {
                             }
                         };
                         self.finish_write(token, serial, out, now);
+                    }
+                    for (key, stored) in stored_times {
+                        self.apply_time(&key, stored, now);
                     }
                 }
                 Reply::Stats(stats) => self.metrics.store_commands = stats,

@@ -16,7 +16,7 @@ impl Server {
         match s.flush(&mut c.sock, now) {
             Io::Done if s.finished => self.linger(token, Vec::new()),
             Io::Done => {
-                let mut at = s.last_write + keepalive - jitter(c.serial, keepalive);
+                let mut at = ping_due(s.last_write, c.serial, keepalive);
                 if !s.ending {
                     at = at.min(s.end_at);
                 }
@@ -40,10 +40,7 @@ impl Server {
                 self.schedule(token, at);
             }
             Io::Closed => self.close(token, Why::Peer),
-            Io::Error(e) => {
-                debug!("write: {e}");
-                self.close(token, Why::Error);
-            }
+            Io::Error(e) => self.stream_failed(token, &e),
         }
     }
 
@@ -86,6 +83,9 @@ impl Server {
             return;
         };
         let _ = sys::set_send_buffer(&c.sock, STREAM_SNDBUF);
+        // A reader that acknowledges nothing for a keep-alive interval (closed window included)
+        // is dropped by the kernel; output stuck in user space is watched by the stall mark.
+        let _ = sys::set_user_timeout(&c.sock, ms(self.cfg.keepalive));
         let pos = env.subs.len() as u32;
         env.subs.push(token);
         let mut s = Stream {
