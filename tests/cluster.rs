@@ -32,13 +32,6 @@ fn instance(nodes: &str) -> Server {
     ])
 }
 
-#[track_caller]
-fn post_ok(server: &Server, key: &str, micros: i64) {
-    let r = post_micros(server.addr, key, micros);
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert!(r.text().contains(&epoch_text(micros)), "{}", r.text());
-}
-
 /// Every update until none comes for `quiet`.
 fn updates_until_quiet(sub: &mut Subscriber, quiet: Duration) -> Vec<String> {
     let mut out = Vec::new();
@@ -67,7 +60,7 @@ fn changes_cross_instances_through_the_node_holding_the_slot() {
     assert!(a.log().contains("using Redis Cluster at"), "{}", a.log());
 
     let mut on_b = Subscriber::connect(b.addr, "cluster-env");
-    post_ok(&a, "cluster-env", BASE);
+    post_ok(a.addr, "cluster-env", BASE, BASE);
     assert_eq!(
         on_b.next_update(Duration::from_secs(3)),
         Some(epoch_text(BASE))
@@ -77,8 +70,8 @@ fn changes_cross_instances_through_the_node_holding_the_slot() {
         on_a.next_update(Duration::from_secs(2)),
         Some(epoch_text(BASE))
     );
-    post_ok(&b, "cluster-env", BASE + 1_000_001);
-    post_ok(&b, "other-env", BASE + 2);
+    post_ok(b.addr, "cluster-env", BASE + 1_000_001, BASE + 1_000_001);
+    post_ok(b.addr, "other-env", BASE + 2, BASE + 2);
     assert_eq!(
         on_a.next_update(Duration::from_secs(3)),
         Some(epoch_text(BASE + 1_000_001))
@@ -144,7 +137,7 @@ fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
     let mut on_a = Subscriber::connect(a.addr, "restart-env");
     let mut on_b = Subscriber::connect(b.addr, "restart-env");
     let (t0, t1, t2, t3) = (BASE, BASE + 1_000_001, BASE + 2_000_001, BASE + 3_000_001);
-    post_ok(&a, "restart-env", t1);
+    post_ok(a.addr, "restart-env", t1, t1);
     assert_eq!(
         on_a.next_update(Duration::from_secs(2)),
         Some(epoch_text(t1))
@@ -279,7 +272,7 @@ fn a_hung_node_holding_the_slot_makes_requests_fail_within_seconds() {
     let a = instance(&cluster.urls());
     wait_ready(&a);
     let mut sub = Subscriber::connect(a.addr, "hung-env");
-    post_ok(&a, "hung-env", BASE);
+    post_ok(a.addr, "hung-env", BASE, BASE);
     assert_eq!(
         sub.next_update(Duration::from_secs(2)),
         Some(epoch_text(BASE))

@@ -22,19 +22,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// POSTs and expects a 200 whose body names the stored time.
-#[track_caller]
-fn post_ok(addr: SocketAddr, key: &str, micros: i64, stored: i64) {
-    let r = post_micros(addr, key, micros);
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert!(
-        r.text().contains(&epoch_text(stored)),
-        "stored time {} not in {}",
-        epoch_text(stored),
-        r.text()
-    );
-}
-
 /// Reads updates until `micros` arrives (true) or `timeout` passes.
 fn wait_update(sub: &mut Subscriber, micros: i64, timeout: Duration) -> bool {
     let want = epoch_text(micros);

@@ -5,8 +5,8 @@
 
 mod common;
 use common::*;
-use flagsmith_sse::timestamp::{parse_epoch_seconds, write_epoch_seconds};
-use std::io::{Read, Write};
+use flagsmith_sse::timestamp::parse_epoch_seconds;
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,13 +18,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `micros` as the server writes it in events.
-fn secs(micros: i64) -> String {
-    let mut out = Vec::new();
-    write_epoch_seconds(micros, &mut out);
-    String::from_utf8(out).unwrap()
 }
 
 fn micros_of(text: &str) -> i64 {
@@ -57,25 +50,6 @@ fn wait_ready(server: &Server) {
     );
 }
 
-/// POSTs `micros` as epoch seconds for `key`.
-#[track_caller]
-fn post(addr: SocketAddr, key: &str, micros: i64) -> Response {
-    queue_change(addr, key, &format!("{{\"updated_at\": {}}}", secs(micros)))
-}
-
-/// POSTs and expects a 200 whose body names the stored time.
-#[track_caller]
-fn post_ok(addr: SocketAddr, key: &str, micros: i64, stored: i64) {
-    let r = post(addr, key, micros);
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert!(
-        r.text().contains(&secs(stored)),
-        "stored time {} not in {}",
-        secs(stored),
-        r.text()
-    );
-}
-
 /// Every update until none comes for `quiet`.
 fn updates_until_quiet(sub: &mut Subscriber, quiet: Duration) -> Vec<i64> {
     let mut out = Vec::new();
@@ -101,29 +75,6 @@ fn redis_calls(redis: &Redis, command: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Asks for a stream and reads only the response head: (status, whether Retry-After is set).
-fn stream_status(addr: SocketAddr, key: &str) -> (u16, bool) {
-    let mut sock = TcpStream::connect(addr).expect("connect");
-    let req = format!("GET /sse/environments/{key}/stream HTTP/1.1\r\nHost: t\r\n\r\n");
-    sock.write_all(req.as_bytes()).expect("send request");
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match sock.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            other => panic!("response head incomplete: {other:?}"),
-        }
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, head.contains("\r\nretry-after:"))
-}
-
 #[test]
 fn a_change_reaches_subscribers_on_both_instances() {
     let _serial = serial();
@@ -146,9 +97,15 @@ fn a_change_reaches_subscribers_on_both_instances() {
         let t = BASE + round * 1_000_003;
         let posted = Instant::now();
         post_ok(a.addr, "latency", t, t);
-        assert_eq!(on_a.next_update(Duration::from_secs(5)), Some(secs(t)));
+        assert_eq!(
+            on_a.next_update(Duration::from_secs(5)),
+            Some(epoch_text(t))
+        );
         let lat_a = posted.elapsed();
-        assert_eq!(on_b.next_update(Duration::from_secs(5)), Some(secs(t)));
+        assert_eq!(
+            on_b.next_update(Duration::from_secs(5)),
+            Some(epoch_text(t))
+        );
         let lat_b = posted.elapsed();
         println!("round {round}: instance A {lat_a:?}, instance B {lat_b:?}");
         worst_a = worst_a.max(lat_a);
@@ -185,7 +142,7 @@ fn an_instance_started_later_sends_the_snapshot_time() {
     let mut sub = Subscriber::connect(b.addr, "late");
     assert_eq!(
         sub.next_update(Duration::from_secs(2)),
-        Some(secs(BASE + 30))
+        Some(epoch_text(BASE + 30))
     );
     println!(
         "initial event from the snapshot {:?} after the instance was started",
@@ -258,8 +215,14 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
     let mut on_b = Subscriber::connect(b.addr, "outage");
     let (t0, t1, t2, t3) = (BASE, BASE + 1_000_001, BASE + 2_000_001, BASE + 3_000_001);
     post_ok(a.addr, "outage", t1, t1);
-    assert_eq!(on_a.next_update(Duration::from_secs(2)), Some(secs(t1)));
-    assert_eq!(on_b.next_update(Duration::from_secs(2)), Some(secs(t1)));
+    assert_eq!(
+        on_a.next_update(Duration::from_secs(2)),
+        Some(epoch_text(t1))
+    );
+    assert_eq!(
+        on_b.next_update(Duration::from_secs(2)),
+        Some(epoch_text(t1))
+    );
 
     redis.stop();
     let killed = Instant::now();
@@ -275,7 +238,7 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
     );
     for server in [&a, &b] {
         let asked = Instant::now();
-        let r = post(server.addr, "outage", t2);
+        let r = post_micros(server.addr, "outage", t2);
         let took = asked.elapsed();
         println!("queue-change with Redis down: {} in {took:?}", r.status);
         assert_eq!(r.status, 503, "{}", r.text());
@@ -284,7 +247,7 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
     }
     for server in [&a, &b] {
         assert!(
-            wait_until(Duration::from_secs(3), || stream_status(
+            wait_until(Duration::from_secs(3), || stream_head(
                 server.addr,
                 "outage-new"
             ) == (503, true)),
@@ -313,8 +276,9 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
     let mut stored_new = false;
     assert!(
         wait_until(Duration::from_secs(5), || {
-            stored_old = stored_old || post(b.addr, "outage", t0).status == 200;
-            stored_new = stored_old && (stored_new || post(a.addr, "outage", t3).status == 200);
+            stored_old = stored_old || post_micros(b.addr, "outage", t0).status == 200;
+            stored_new =
+                stored_old && (stored_new || post_micros(a.addr, "outage", t3).status == 200);
             stored_new
         }),
         "queue-change not accepted again after Redis came back"
@@ -323,9 +287,15 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
         "queue-change accepted {:?} after the restart",
         restarted.elapsed()
     );
-    assert_eq!(on_a.next_update(Duration::from_secs(3)), Some(secs(t3)));
+    assert_eq!(
+        on_a.next_update(Duration::from_secs(3)),
+        Some(epoch_text(t3))
+    );
     let on_a_at = restarted.elapsed();
-    assert_eq!(on_b.next_update(Duration::from_secs(3)), Some(secs(t3)));
+    assert_eq!(
+        on_b.next_update(Duration::from_secs(3)),
+        Some(epoch_text(t3))
+    );
     let on_b_at = restarted.elapsed();
     println!("after the restart: new change on A in {on_a_at:?}, on B in {on_b_at:?}");
     assert!(on_b_at <= Duration::from_secs(3), "{on_b_at:?}");
@@ -339,7 +309,10 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
             server.log()
         );
         let mut late = Subscriber::connect(server.addr, "outage");
-        assert_eq!(late.next_update(Duration::from_secs(2)), Some(secs(t3)));
+        assert_eq!(
+            late.next_update(Duration::from_secs(2)),
+            Some(epoch_text(t3))
+        );
     }
     let quiet = Duration::from_millis(800);
     assert_eq!(updates_until_quiet(&mut on_a, quiet), Vec::<i64>::new());
@@ -370,7 +343,10 @@ fn an_instance_behind_a_trimmed_log_recovers_from_the_snapshot() {
     // B learns a position in the log.
     let mut seed = Subscriber::connect(b.addr, "seed");
     post_ok(a.addr, "seed", BASE, BASE);
-    assert_eq!(seed.next_update(Duration::from_secs(3)), Some(secs(BASE)));
+    assert_eq!(
+        seed.next_update(Duration::from_secs(3)),
+        Some(epoch_text(BASE))
+    );
     let keys: Vec<String> = (0..10)
         .map(|i| format!("early-{i}"))
         .chain((0..5).map(|i| format!("late-{i}")))
@@ -409,7 +385,7 @@ fn an_instance_behind_a_trimmed_log_recovers_from_the_snapshot() {
     for (i, sub) in subs.iter_mut().enumerate() {
         assert_eq!(
             sub.next_update(Duration::from_secs(5)),
-            Some(secs(newest(i))),
+            Some(epoch_text(newest(i))),
             "{}",
             keys[i]
         );
@@ -472,7 +448,7 @@ fn a_burst_of_changes_is_batched_and_every_subscriber_ends_newest() {
                         [newest(i), newest(i) - 7]
                     };
                     for t in times {
-                        let body = format!("{{\"updated_at\": {}}}", secs(t));
+                        let body = format!("{{\"updated_at\": {}}}", epoch_text(t));
                         let req = format!(
                             "POST /sse/environments/{}/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
                             key(i),
@@ -500,7 +476,7 @@ fn a_burst_of_changes_is_batched_and_every_subscriber_ends_newest() {
             let left = deadline.saturating_duration_since(Instant::now());
             let got = sub
                 .next_update(left)
-                .unwrap_or_else(|| panic!("{} never got {}", key(*i), secs(want)));
+                .unwrap_or_else(|| panic!("{} never got {}", key(*i), epoch_text(want)));
             let got = micros_of(&got);
             assert!(got > last, "{}: {got} after {last}", key(*i));
             assert!(
@@ -575,7 +551,7 @@ fn a_hung_redis_makes_requests_fail_within_seconds() {
     post_ok(a.addr, "hung", BASE + 1, BASE + 1);
     assert_eq!(
         sub.next_update(Duration::from_secs(2)),
-        Some(secs(BASE + 1))
+        Some(epoch_text(BASE + 1))
     );
 
     signal_redis(&pid, "STOP");
@@ -583,7 +559,7 @@ fn a_hung_redis_makes_requests_fail_within_seconds() {
     let mut waits = Vec::new();
     for i in 0..3 {
         let asked = Instant::now();
-        let r = post(a.addr, "hung", BASE + 2 + i);
+        let r = post_micros(a.addr, "hung", BASE + 2 + i);
         waits.push(asked.elapsed());
         assert_eq!(r.status, 503, "{}", r.text());
         assert!(r.header("retry-after").is_some());
@@ -601,14 +577,18 @@ fn a_hung_redis_makes_requests_fail_within_seconds() {
     signal_redis(&pid, "CONT");
     let resumed = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(8), || post(a.addr, "hung", BASE + 9)
-            .status
+        wait_until(Duration::from_secs(8), || post_micros(
+            a.addr,
+            "hung",
+            BASE + 9
+        )
+        .status
             == 200),
         "queue-change not accepted after Redis resumed"
     );
     assert_eq!(
         sub.next_update(Duration::from_secs(3)),
-        Some(secs(BASE + 9))
+        Some(epoch_text(BASE + 9))
     );
     assert!(wait_until(Duration::from_secs(3), || readiness(a.addr) == 200));
     println!(
@@ -629,7 +609,7 @@ fn an_instance_starts_without_redis_and_serves_once_it_is_up() {
     ]);
     assert_eq!(readiness(a.addr), 503);
     let asked = Instant::now();
-    let r = post(a.addr, "boot", BASE);
+    let r = post_micros(a.addr, "boot", BASE);
     println!(
         "queue-change with no Redis: {} in {:?}",
         r.status,
@@ -637,7 +617,7 @@ fn an_instance_starts_without_redis_and_serves_once_it_is_up() {
     );
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.header("retry-after").is_some());
-    assert!(wait_until(Duration::from_secs(3), || stream_status(
+    assert!(wait_until(Duration::from_secs(3), || stream_head(
         a.addr, "boot"
     ) == (503, true)));
 
@@ -648,5 +628,8 @@ fn an_instance_starts_without_redis_and_serves_once_it_is_up() {
     assert!(up.elapsed() < Duration::from_secs(4), "{:?}", up.elapsed());
     let mut sub = Subscriber::connect(a.addr, "boot");
     post_ok(a.addr, "boot", BASE, BASE);
-    assert_eq!(sub.next_update(Duration::from_secs(2)), Some(secs(BASE)));
+    assert_eq!(
+        sub.next_update(Duration::from_secs(2)),
+        Some(epoch_text(BASE))
+    );
 }

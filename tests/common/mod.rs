@@ -1178,6 +1178,19 @@ pub fn post_micros(addr: SocketAddr, key: &str, micros: i64) -> Response {
     )
 }
 
+/// POSTs `micros` and expects a 200 whose body names the stored time.
+#[track_caller]
+pub fn post_ok(addr: SocketAddr, key: &str, micros: i64, stored: i64) {
+    let r = post_micros(addr, key, micros);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains(&epoch_text(stored)),
+        "stored time {} not in {}",
+        epoch_text(stored),
+        r.text()
+    );
+}
+
 /// Asks for a stream and reads only the response head: (status, whether Retry-After is set).
 #[track_caller]
 pub fn stream_head(addr: SocketAddr, key: &str) -> (u16, bool) {
