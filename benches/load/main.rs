@@ -6,7 +6,10 @@
 //! from their own source address. It measures connecting, idle memory and CPU,
 //! publish-to-delivery latency (publish and arrival times both on `CLOCK_MONOTONIC`), the
 //! server's own fan-out time, publish throughput, and this machine's floor for the same writes;
-//! prints a Markdown table and writes one JSON result. Only loopback addresses are used, and
+//! prints a Markdown table and writes one JSON result. With `--second-instance` it starts two
+//! of our servers on one `redis-server`, holds every subscriber on instance B and publishes to
+//! instance A, so that latency is that of B's periodic fetch plus its fan-out. Only loopback
+//! addresses are used, and every wait and loop is bounded in count and time.
 
 mod clock;
 mod floor;
@@ -25,6 +28,7 @@ mod worker;
 use clock::TimeSource;
 use json::Json;
 use opts::{Opts, USAGE};
+use phases::Pace;
 use pool::{Status, Workers};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -130,6 +134,8 @@ fn run(o: &Opts) -> Result<(), String> {
             .unwrap_or_default()
     ));
     std::thread::sleep(Duration::from_millis(500));
+    let a_pid = target.publish_side.as_ref().map(|p| p.proc.pid());
+    let rss0_a = a_pid.and_then(procs::rss_kb);
     let rss0 = target.pid.and_then(procs::rss_kb);
     let slab0 = procs::slab_bytes();
 
@@ -159,6 +165,7 @@ fn run(o: &Opts) -> Result<(), String> {
     let counts = workers.counts(o.envs)?;
     let open: u64 = counts.iter().sum();
     let rss1 = target.pid.and_then(procs::rss_kb);
+    let rss1_a = a_pid.and_then(procs::rss_kb);
     let slab1 = procs::slab_bytes();
 
     // Idle.
@@ -167,23 +174,45 @@ fn run(o: &Opts) -> Result<(), String> {
         o.idle_seconds
     ));
     let cpu0 = target.pid.and_then(procs::cpu_time);
+    let cpu0_a = a_pid.and_then(procs::cpu_time);
     let idle_started = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(o.idle_seconds));
     let cpu1 = target.pid.and_then(procs::cpu_time);
+    let cpu1_a = a_pid.and_then(procs::cpu_time);
     let idle_wall = idle_started.elapsed().as_secs_f64();
-    let idle_cpu = match (cpu0, cpu1) {
+    let share = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
         (Some(a), Some(b)) if idle_wall > 0.0 => Some((b - a).as_secs_f64() / idle_wall),
         _ => None,
     };
+    let idle_cpu = share(cpu0, cpu1);
+    let idle_cpu_a = share(cpu0_a, cpu1_a);
     let rss_idle_end = target.pid.and_then(procs::rss_kb);
+    let rss_idle_end_a = a_pid.and_then(procs::rss_kb);
 
     // Latency.
     let _ = workers.flush()?;
     let mut times = TimeSource::default();
     let m0 = target::scrape(&target);
+    let interval = o.cache_interval().unwrap_or(1.0);
+    let pace = if o.second_instance {
+        Pace::Phased {
+            gap: Duration::from_secs_f64(o.round_gap),
+            period: Duration::from_secs_f64(interval),
+        }
+    } else {
+        Pace::Gap(Duration::from_secs_f64(o.round_gap))
+    };
+    let via = if o.second_instance {
+        format!(
+            ", published to instance A, delivered by instance B (rounds {} s apart, fetch every {} s)",
+            o.round_gap, interval
+        )
+    } else {
+        String::new()
+    };
     let single_rounds: Vec<Vec<usize>> = (0..o.rounds).map(|r| vec![r % o.envs]).collect();
     say(&format!(
-        "latency: {} rounds of one change to one environment",
+        "latency: {} rounds of one change to one environment{via}",
         o.rounds
     ));
     let single = phases::latency_rounds(
@@ -193,11 +222,12 @@ fn run(o: &Opts) -> Result<(), String> {
         o,
         &single_rounds,
         &counts,
+        pace,
     )?;
     let m1 = target::scrape(&target);
     let many_rounds: Vec<Vec<usize>> = (0..o.many_rounds).map(|_| (0..o.envs).collect()).collect();
     say(&format!(
-        "latency: {} rounds of one change to each of {} environments",
+        "latency: {} rounds of one change to each of {} environments{via}",
         o.many_rounds, o.envs
     ));
     let many = phases::latency_rounds(
@@ -207,6 +237,7 @@ fn run(o: &Opts) -> Result<(), String> {
         o,
         &many_rounds,
         &counts,
+        pace,
     )?;
     let m2 = target::scrape(&target);
     let end_status = Status::total(&workers.status()?);
@@ -253,27 +284,66 @@ fn run(o: &Opts) -> Result<(), String> {
             .collect();
         server_exit = Some(ng.proc.stop(Duration::from_secs(15)));
     }
+    let mut exit_a = None;
+    if let Some(mut a) = target.publish_side.take() {
+        server_log.extend(
+            a.proc
+                .log_matching(" WARN ")
+                .into_iter()
+                .chain(a.proc.log_matching(" ERROR "))
+                .map(|l| format!("instance A: {l}")),
+        );
+        exit_a = Some(a.proc.stop(Duration::from_secs(15)));
+    }
     if let Some(mut r) = target.redis.take() {
         r.stop(Duration::from_secs(5));
     }
 
+    // With two instances, per-instance figures stay out of the single-instance ones.
+    let (single, many, second) = if o.second_instance {
+        let second = report::Second {
+            interval_s: interval,
+            gap_s: o.round_gap,
+            one_env: single,
+            all_envs: many,
+            a: report::InstanceUse {
+                rss_before_kib: rss0_a,
+                rss_with_kib: rss1_a,
+                rss_after_idle_kib: rss_idle_end_a,
+                idle_cpu: idle_cpu_a,
+                exit: exit_a,
+            },
+            b: report::InstanceUse {
+                rss_before_kib: rss0,
+                rss_with_kib: rss1,
+                rss_after_idle_kib: rss_idle_end,
+                idle_cpu,
+                exit: server_exit.clone(),
+            },
+        };
+        (Default::default(), Default::default(), Some(second))
+    } else {
+        (single, many, None)
+    };
+    let alone = |v: Option<u64>| if o.second_instance { None } else { v };
     let results = report::Results {
         machine: machine(),
         target: target.name.clone(),
         floor,
         connected,
         open,
-        rss_before_kib: rss0,
-        rss_with_kib: rss1,
-        rss_after_idle_kib: rss_idle_end,
+        rss_before_kib: alone(rss0),
+        rss_with_kib: alone(rss1),
+        rss_after_idle_kib: alone(rss_idle_end),
         slab_before: slab0,
         slab_with: slab1,
         idle_seconds: idle_wall,
-        idle_cpu,
+        idle_cpu: if o.second_instance { None } else { idle_cpu },
         fan_single: target::fanout_between(&m0, &m1),
         fan_many: target::fanout_between(&m1, &m2),
         single,
         many,
+        second,
         qc,
         end: end_status,
         server_log,

@@ -58,6 +58,8 @@ pub struct Opts {
     pub prefix: String,
     pub reconnects: u32,
     pub connect_timeout_ms: u64,
+    /// Two instances on one Redis: subscribers on B, publishes to A.
+    pub second_instance: bool,
 }
 
 pub const USAGE: &str = "\
@@ -82,6 +84,12 @@ publish-to-delivery latency, fan-out time, queue-change throughput and this mach
   --floor-pairs P      loopback socket pairs for the floor measure (default 4000; 0: skip)
   --server-bin PATH    server binary (default: the one cargo built for this bench)
   --server-env K=V     extra environment for our server (repeatable), e.g. STREAM_DELAY=0
+  --second-instance    with --store redis: start two instances on the redis-server, connect every
+                       subscriber to B and publish to A, so that changes reach B by its periodic
+                       fetch; latency rounds start at --round-gap spacing (default 1.37 s, not a
+                       multiple of CACHE_UPDATE_INTERVAL_SECONDS) so that publishes fall at every
+                       phase of B's fetch cycle; --rounds and --many-rounds default to 10
+                       (--quick: 4 and 3); RSS and CPU are reported per instance
   --nchan              measure nginx + nchan instead (packages nginx-light, libnginx-mod-nchan)
   --target URL         measure a running server: stream URL with {env}, e.g.
                        http://127.0.0.1:8000/sse/environments/{env}/stream
@@ -130,6 +138,7 @@ impl Opts {
             prefix: "bench".into(),
             reconnects: 3,
             connect_timeout_ms: 10_000,
+            second_instance: false,
         };
         if args.iter().any(|a| a == "--quick") {
             o.quick = true;
@@ -141,6 +150,7 @@ impl Opts {
             o.qc_seconds = 2.0;
             o.floor_pairs = 500;
         }
+        let (mut rounds_set, mut many_set, mut gap_set) = (false, false, false);
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut val = |name: &str| {
@@ -164,9 +174,19 @@ impl Opts {
                         other => return Err(format!("--store: embedded or redis, not {other:?}")),
                     }
                 }
-                "--rounds" => o.rounds = num(&val(a)?, a)?,
-                "--many-rounds" => o.many_rounds = num(&val(a)?, a)?,
-                "--round-gap" => o.round_gap = num(&val(a)?, a)?,
+                "--rounds" => {
+                    o.rounds = num(&val(a)?, a)?;
+                    rounds_set = true;
+                }
+                "--many-rounds" => {
+                    o.many_rounds = num(&val(a)?, a)?;
+                    many_set = true;
+                }
+                "--round-gap" => {
+                    o.round_gap = num(&val(a)?, a)?;
+                    gap_set = true;
+                }
+                "--second-instance" => o.second_instance = true,
                 "--qc-seconds" => o.qc_seconds = num(&val(a)?, a)?,
                 "--qc-conns" => o.qc_conns = num(&val(a)?, a)?,
                 "--floor-pairs" => o.floor_pairs = num(&val(a)?, a)?,
@@ -193,6 +213,23 @@ impl Opts {
                 "--reconnects" => o.reconnects = num(&val(a)?, a)?,
                 "--json" => o.json = PathBuf::from(val(a)?),
                 other => return Err(format!("unknown option {other:?}")),
+            }
+        }
+        if o.second_instance {
+            if o.mode != Mode::Ours || o.store != StoreKind::Redis {
+                return Err("--second-instance needs our server with --store redis".into());
+            }
+            if !rounds_set {
+                o.rounds = if o.quick { 4 } else { 10 };
+            }
+            if !many_set {
+                o.many_rounds = if o.quick { 3 } else { 10 };
+            }
+            if !gap_set {
+                o.round_gap = 1.37;
+            }
+            if o.cache_interval().is_none() {
+                return Err("CACHE_UPDATE_INTERVAL_SECONDS must be a positive number".into());
             }
         }
         if o.workers == 0 {
@@ -241,6 +278,24 @@ impl Opts {
             return Err("--target needs --publish-url or --publish-cmd".into());
         }
         Ok(o)
+    }
+
+    /// `CACHE_UPDATE_INTERVAL_SECONDS` as our server will see it (default 1 s); `None` if
+    /// `--server-env` sets it to something that is not a positive number of seconds.
+    pub fn cache_interval(&self) -> Option<f64> {
+        match self
+            .server_env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "CACHE_UPDATE_INTERVAL_SECONDS")
+        {
+            None => Some(1.0),
+            Some((_, v)) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0),
+        }
     }
 
     /// The key of environment `i`.

@@ -56,6 +56,17 @@ pub fn connect_phase(w: &mut Workers, o: &Opts) -> Result<Connected, String> {
     }
 }
 
+/// How latency rounds are spaced in time.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Each round starts `gap` after the previous one started, or at once if it took longer.
+    Gap(Duration),
+    /// Round r starts `r × gap` after the first. A round that cannot start on time is moved by
+    /// whole periods, so that its start keeps its phase within a cycle of that period (a
+    /// second instance's fetch cycle).
+    Phased { gap: Duration, period: Duration },
+}
+
 #[derive(Default)]
 pub struct Latency {
     pub rounds: usize,
@@ -68,6 +79,8 @@ pub struct Latency {
     pub publish_spread_ns: u64,
     /// Time from sending a publish to its answer.
     pub answered: Summary,
+    /// Each round's first publish time, on `CLOCK_MONOTONIC`.
+    pub round_starts_ns: Vec<u64>,
 }
 
 /// Runs latency rounds: each publishes one new time to every environment in its list, then
@@ -79,11 +92,27 @@ pub fn latency_rounds(
     o: &Opts,
     rounds: &[Vec<usize>],
     counts: &[u64],
+    pace: Pace,
 ) -> Result<Latency, String> {
     let mut res = Latency::default();
     let mut all = Vec::new();
     let mut answered = Vec::new();
+    let t0 = Instant::now();
+    let mut shift = Duration::ZERO;
     for (r, envs) in rounds.iter().enumerate() {
+        if let Pace::Phased { gap, period } = pace {
+            let mut at = t0 + gap * r as u32 + shift;
+            let now = Instant::now();
+            if now > at && !period.is_zero() {
+                let late = (now - at).as_secs_f64();
+                let k = (late / period.as_secs_f64()).ceil().max(1.0);
+                shift += period.mul_f64(k);
+                at += period.mul_f64(k);
+            }
+            if let Some(rest) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(rest);
+            }
+        }
         let started = Instant::now();
         let mut pubs: HashMap<u32, (i64, u64)> = HashMap::new();
         let mut first = u64::MAX;
@@ -97,6 +126,7 @@ pub fn latency_rounds(
             pubs.insert(e as u32, (time, at));
         }
         res.publish_spread_ns = res.publish_spread_ns.max(last.saturating_sub(first));
+        res.round_starts_ns.push(first);
         res.publishes += envs.len();
         let expected: u64 = envs
             .iter()
@@ -136,8 +166,9 @@ pub fn latency_rounds(
         ));
         all.extend_from_slice(&samples);
         res.rounds += 1;
-        let gap = Duration::from_secs_f64(o.round_gap);
-        if let Some(rest) = gap.checked_sub(started.elapsed()) {
+        if let Pace::Gap(gap) = pace
+            && let Some(rest) = gap.checked_sub(started.elapsed())
+        {
             std::thread::sleep(rest);
         }
     }

@@ -8,6 +8,59 @@ use crate::pool::Status;
 use crate::qc::QcResult;
 use std::collections::HashMap;
 
+/// Memory and CPU of one of two instances.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceUse {
+    pub rss_before_kib: Option<u64>,
+    pub rss_with_kib: Option<u64>,
+    pub rss_after_idle_kib: Option<u64>,
+    /// CPU over the idle period, as a fraction of one core.
+    pub idle_cpu: Option<f64>,
+    pub exit: Option<String>,
+}
+
+/// What a `--second-instance` run measured: instance A takes the publishes, instance B holds
+/// every subscriber and learns of changes by its periodic fetch from Redis.
+pub struct Second {
+    /// `CACHE_UPDATE_INTERVAL_SECONDS` of both instances.
+    pub interval_s: f64,
+    /// Spacing of round starts.
+    pub gap_s: f64,
+    pub one_env: Latency,
+    pub all_envs: Latency,
+    pub a: InstanceUse,
+    pub b: InstanceUse,
+}
+
+impl Second {
+    /// The p99 target: one fetch interval plus 100 ms.
+    pub fn target_ms(&self) -> f64 {
+        self.interval_s * 1000.0 + 100.0
+    }
+}
+
+/// Where each round's first publish fell in a cycle of `period_s` seconds, as a fraction of
+/// the cycle, counted from the first round's.
+pub fn phases(l: &Latency, period_s: f64) -> Vec<f64> {
+    let Some(&first) = l.round_starts_ns.first() else {
+        return Vec::new();
+    };
+    let period = (period_s * 1e9).max(1.0);
+    l.round_starts_ns
+        .iter()
+        .map(|&t| (t.saturating_sub(first) as f64 % period) / period)
+        .collect()
+}
+
+/// How many of the ten tenths of the cycle hold at least one round's start.
+pub fn tenths_covered(phases: &[f64]) -> usize {
+    let mut hit = [false; 10];
+    for p in phases {
+        hit[((p * 10.0) as usize).min(9)] = true;
+    }
+    hit.iter().filter(|&&h| h).count()
+}
+
 /// Everything a run measured.
 pub struct Results {
     pub machine: Json,
@@ -29,6 +82,8 @@ pub struct Results {
     /// Mean fan-out (s) and count, from the server's /metrics.
     pub fan_single: Option<(f64, u64)>,
     pub fan_many: Option<(f64, u64)>,
+    /// With `--second-instance`: latency via the second instance and per-instance use.
+    pub second: Option<Second>,
     pub qc: Option<(QcResult, String)>,
     /// Worker totals at the end.
     pub end: Status,
@@ -152,6 +207,69 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
             lat_row(many),
         );
     }
+    if let Some(sec) = &r.second {
+        let target = sec.target_ms();
+        let via = |l: &Latency| {
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {}/{} deliveries in {} rounds; \
+                 target p99 ≤ {target:.0} ms: {}",
+                ms(l.summary.p50),
+                ms(l.summary.p99),
+                ms(l.summary.max),
+                l.received,
+                l.expected,
+                l.rounds,
+                if l.received > 0 && ms(l.summary.p99) <= target && l.received == l.expected {
+                    "met"
+                } else {
+                    "not met"
+                }
+            )
+        };
+        if sec.one_env.rounds > 0 {
+            add(
+                &format!(
+                    "publish to A → delivery by B, one environment (~{per_env:.0} subscribers)"
+                ),
+                via(&sec.one_env),
+            );
+        }
+        if sec.all_envs.rounds > 0 {
+            add(
+                &format!(
+                    "publish to A → delivery by B, all {} environments at once",
+                    o.envs
+                ),
+                via(&sec.all_envs),
+            );
+        }
+        let cover = |l: &Latency| tenths_covered(&phases(l, sec.interval_s));
+        add(
+            "CACHE_UPDATE_INTERVAL_SECONDS; round spacing; publish phases in B's fetch cycle",
+            format!(
+                "{} s; {} s; tenths of the cycle with a round start: {}/10 (one env), {}/10 (all envs)",
+                sec.interval_s,
+                sec.gap_s,
+                cover(&sec.one_env),
+                cover(&sec.all_envs)
+            ),
+        );
+        let use_row = |u: &InstanceUse| {
+            format!(
+                "RSS {} → {} MiB with subscribers, {} MiB after idle; idle CPU {}",
+                u.rss_before_kib
+                    .map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
+                u.rss_with_kib
+                    .map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
+                u.rss_after_idle_kib
+                    .map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0)),
+                u.idle_cpu
+                    .map_or("?".into(), |c| format!("{:.2} % of one core", c * 100.0))
+            )
+        };
+        add("instance B (every subscriber)", use_row(&sec.b));
+        add("instance A (publishes only)", use_row(&sec.a));
+    }
     if let Some((mean, count)) = fan_single {
         add(
             "server fan-out, one environment (its /metrics)",
@@ -271,6 +389,8 @@ pub fn json(o: &Opts, r: &Results) -> Json {
         )
         .set("rounds", o.rounds)
         .set("many_rounds", o.many_rounds)
+        .set("round_gap_seconds", o.round_gap)
+        .set("second_instance", o.second_instance)
         .set("quick", o.quick)
         .set(
             "server_env",
@@ -350,6 +470,44 @@ pub fn json(o: &Opts, r: &Results) -> Json {
     fan.set("one_env", fan_json(fan_single))
         .set("all_envs", fan_json(fan_many));
     out.set("fanout", fan);
+    let use_json = |u: &InstanceUse| {
+        let mut j = Json::obj();
+        j.set("rss_before_kib", u.rss_before_kib)
+            .set("rss_with_subscribers_kib", u.rss_with_kib)
+            .set("rss_after_idle_kib", u.rss_after_idle_kib)
+            .set("idle_cpu_fraction_of_one_core", u.idle_cpu)
+            .set("exit", u.exit.clone());
+        j
+    };
+    out.set(
+        "second_instance",
+        r.second.as_ref().map_or(Json::Null, |sec| {
+            let target = sec.target_ms();
+            let via = |l: &Latency| {
+                let ph = phases(l, sec.interval_s);
+                let mut j = lat_json(l);
+                j.set(
+                    "p99_target_met",
+                    l.received > 0 && l.received == l.expected && ms(l.summary.p99) <= target,
+                )
+                .set("fetch_cycle_tenths_covered", tenths_covered(&ph))
+                .set(
+                    "round_start_phases",
+                    Json::Arr(ph.into_iter().map(Json::from).collect()),
+                );
+                j
+            };
+            let mut j = Json::obj();
+            j.set("cache_update_interval_seconds", sec.interval_s)
+                .set("p99_target_ms", target)
+                .set("round_gap_seconds", sec.gap_s)
+                .set("one_env", via(&sec.one_env))
+                .set("all_envs", via(&sec.all_envs))
+                .set("instance_a_publishes", use_json(&sec.a))
+                .set("instance_b_subscribers", use_json(&sec.b));
+            j
+        }),
+    );
     out.set(
         "floor",
         floor.map_or(Json::Null, |f| {

@@ -101,6 +101,12 @@ pub struct QcTarget {
     pub what: String,
 }
 
+/// The instance that takes publishes when subscribers are on another one (`--second-instance`).
+pub struct PublishSide {
+    pub proc: procs::Proc,
+    pub addr: SocketAddr,
+}
+
 /// The server under test and the processes the harness started for it.
 pub struct Target {
     pub name: String,
@@ -112,6 +118,8 @@ pub struct Target {
     pub server: Option<procs::Proc>,
     pub redis: Option<procs::Proc>,
     pub nginx: Option<procs::Nginx>,
+    /// Instance A with `--second-instance` (`server` is then instance B, the subscribers' one).
+    pub publish_side: Option<PublishSide>,
 }
 
 const DEFAULT_BODY: &str = "{\"updated_at\": \"{iso}\"}";
@@ -127,16 +135,30 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 StoreKind::Embedded => None,
             };
             say(&format!("starting {}", o.server_bin.display()));
-            let (server, addr) = procs::start_server(
-                &o.server_bin,
-                TOKEN,
-                redis.as_ref().map(|r| r.1),
-                &o.server_env,
-            )?;
+            let redis_port = redis.as_ref().map(|r| r.1);
+            let (server, addr) =
+                procs::start_server(&o.server_bin, TOKEN, redis_port, &o.server_env)?;
             let url = |path: &str| httpc::Url {
                 addr,
                 host: addr.to_string(),
                 path: path.to_owned(),
+            };
+            let publish_side = if o.second_instance {
+                say(&format!(
+                    "starting a second instance of {} on the same redis-server",
+                    o.server_bin.display()
+                ));
+                let (proc, a) =
+                    procs::start_server(&o.server_bin, TOKEN, redis_port, &o.server_env)?;
+                Some(PublishSide { proc, addr: a })
+            } else {
+                None
+            };
+            let pub_addr = publish_side.as_ref().map_or(addr, |p| p.addr);
+            let pub_url = httpc::Url {
+                addr: pub_addr,
+                host: pub_addr.to_string(),
+                path: "/sse/environments/{env}/queue-change".into(),
             };
             let headers = format!("Authorization: Token {TOKEN}\r\n");
             let body = o.publish_body.clone().unwrap_or(DEFAULT_BODY.into());
@@ -144,26 +166,40 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 Some((_, port)) => format!("Redis store (redis-server on 127.0.0.1:{port})"),
                 None => "embedded store".into(),
             };
+            let name = match &publish_side {
+                Some(p) => format!(
+                    "flagsmith-sse {}, two instances on one {store}: subscribers on B ({addr}), \
+                     publishes to A ({})",
+                    env!("CARGO_PKG_VERSION"),
+                    p.addr
+                ),
+                None => format!("flagsmith-sse {}, {store}", env!("CARGO_PKG_VERSION")),
+            };
+            let what = match &publish_side {
+                Some(p) => format!("queue-change to instance A ({}), {store}", p.addr),
+                None => format!("queue-change, {store}"),
+            };
             Ok(Target {
-                name: format!("flagsmith-sse {}, {store}", env!("CARGO_PKG_VERSION")),
+                name,
                 stream: url("/sse/environments/{env}/stream"),
                 publisher: Publisher::Http {
-                    url: url("/sse/environments/{env}/queue-change"),
+                    url: pub_url.clone(),
                     headers: headers.clone(),
                     body: body.clone(),
-                    client: httpc::Client::new(addr),
+                    client: httpc::Client::new(pub_addr),
                 },
                 pid: Some(server.pid()),
                 metrics: Some(url("/metrics")),
                 qc: Some(QcTarget {
-                    url: url("/sse/environments/{env}/queue-change"),
+                    url: pub_url,
                     headers,
                     body,
-                    what: format!("queue-change, {store}"),
+                    what,
                 }),
                 server: Some(server),
                 redis: redis.map(|r| r.0),
                 nginx: None,
+                publish_side,
             })
         }
         Mode::Nchan => {
@@ -207,6 +243,7 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 server: None,
                 redis: None,
                 nginx: Some(ng),
+                publish_side: None,
             })
         }
         Mode::Foreign => {
@@ -253,6 +290,7 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 server: None,
                 redis: None,
                 nginx: None,
+                publish_side: None,
             })
         }
     }
