@@ -227,19 +227,7 @@ fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
         Some(epoch_text(t3))
     );
     for server in [&a, &b] {
-        assert!(wait_until(Duration::from_secs(3), || readiness(
-            server.addr
-        ) == 200));
-        assert!(
-            server.wait_log("Redis lost or replaced its data", Duration::from_secs(3)),
-            "no resynchronisation logged:\n{}",
-            server.log()
-        );
-        let mut late = Subscriber::connect(server.addr, "restart-env");
-        assert_eq!(
-            late.next_update(Duration::from_secs(2)),
-            Some(epoch_text(t3))
-        );
+        assert_resynchronised(server, "restart-env", t3);
     }
     let quiet = Duration::from_millis(800);
     assert_eq!(updates_until_quiet(&mut on_a, quiet), Vec::<String>::new());

@@ -124,17 +124,6 @@ fn redis_series(command: &str, sent: f64, failed: f64) -> [(String, f64); 2] {
     ]
 }
 
-/// `calls` of a command from `INFO commandstats`.
-fn redis_calls(redis: &Redis, command: &str) -> u64 {
-    let info = redis.cli(&["INFO", "commandstats"]).unwrap_or_default();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Reads one response and returns its status, or `None` when the connection was closed
 /// before a status line arrived.
 fn status_of(s: &mut TcpStream) -> Option<u16> {
@@ -243,7 +232,7 @@ fn metrics_after_known_activity_are_exact() {
         late.next_update(Duration::from_secs(2)),
         Some(epoch_text(t1))
     );
-    assert_eq!(redis_calls(&redis, "evalsha"), 3);
+    assert_eq!(redis.calls("evalsha"), 3);
     drop(a2);
     drop(late);
 

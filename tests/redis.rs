@@ -64,17 +64,6 @@ fn metric(server: &Server, series: &str) -> f64 {
     server.metrics().get(series).copied().unwrap_or(0.0)
 }
 
-/// `calls` of a command from `INFO commandstats`.
-fn redis_calls(redis: &Redis, command: &str) -> u64 {
-    let info = redis.cli(&["INFO", "commandstats"]).unwrap_or_default();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_change_reaches_subscribers_on_both_instances() {
     let _serial = serial();
@@ -300,19 +289,7 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
     println!("after the restart: new change on A in {on_a_at:?}, on B in {on_b_at:?}");
     assert!(on_b_at <= Duration::from_secs(3), "{on_b_at:?}");
     for server in [&a, &b] {
-        assert!(wait_until(Duration::from_secs(3), || readiness(
-            server.addr
-        ) == 200));
-        assert!(
-            server.wait_log("Redis lost or replaced its data", Duration::from_secs(3)),
-            "no resynchronisation logged:\n{}",
-            server.log()
-        );
-        let mut late = Subscriber::connect(server.addr, "outage");
-        assert_eq!(
-            late.next_update(Duration::from_secs(2)),
-            Some(epoch_text(t3))
-        );
+        assert_resynchronised(server, "outage", t3);
     }
     let quiet = Duration::from_millis(800);
     assert_eq!(updates_until_quiet(&mut on_a, quiet), Vec::<i64>::new());
@@ -488,7 +465,7 @@ fn a_burst_of_changes_is_batched_and_every_subscriber_ends_newest() {
         }
     }
     let delivered = started.elapsed();
-    let calls = redis_calls(&redis, "evalsha");
+    let calls = redis.calls("evalsha");
     let a_calls = metric(&a, evalsha) - a_before;
     println!(
         "{posts} queue-changes for {ENVS} environments over {CONNS} connections in {burst:?}; \

@@ -300,6 +300,17 @@ impl Redis {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `calls` of a command in `INFO commandstats`.
+    pub fn calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]).unwrap_or_default();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Stops the server (SIGKILL to its own pid) and waits for it.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
@@ -1213,4 +1224,23 @@ pub fn stream_head(addr: SocketAddr, key: &str) -> (u16, bool) {
         .and_then(|s| s.parse().ok())
         .expect("status");
     (status, head.contains("\r\nretry-after:"))
+}
+
+/// After Redis lost its data: the instance is ready again, logged that it resynchronised, and a
+/// new subscriber of `key` gets `newest` at once.
+#[track_caller]
+pub fn assert_resynchronised(server: &Server, key: &str, newest: i64) {
+    assert!(wait_until(Duration::from_secs(3), || readiness(
+        server.addr
+    ) == 200));
+    assert!(
+        server.wait_log("Redis lost or replaced its data", Duration::from_secs(3)),
+        "no resynchronisation logged:\n{}",
+        server.log()
+    );
+    let mut late = Subscriber::connect(server.addr, key);
+    assert_eq!(
+        late.next_update(Duration::from_secs(2)),
+        Some(epoch_text(newest))
+    );
 }
