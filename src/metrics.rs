@@ -143,118 +143,112 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, g: &Gauges) -> String {
         let mut s = String::with_capacity(4096);
-        let gauge = |s: &mut String, name: &str, help: &str, kind: &str, value: String| {
-            let _ = write!(
-                s,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            );
+        let single = |s: &mut String, name: &str, kind: &str, help: &str, value: String| {
+            family(s, name, kind, help, [(String::new(), value)]);
         };
-        gauge(
+        single(
             &mut s,
             "flagsmith_sse_subscribers_active",
-            "Open event streams.",
             "gauge",
+            "Open event streams.",
             g.subscribers_active.to_string(),
         );
-        gauge(
+        single(
             &mut s,
             "flagsmith_sse_connections_open",
-            "Open client connections.",
             "gauge",
+            "Open client connections.",
             g.connections_open.to_string(),
         );
-        gauge(
+        single(
             &mut s,
             "flagsmith_sse_subscribers_total",
-            "Event streams opened since start.",
             "counter",
+            "Event streams opened since start.",
             self.subscribers_total.to_string(),
         );
-        gauge(
+        single(
             &mut s,
             "flagsmith_sse_events_sent_total",
-            "Update events written to subscribers.",
             "counter",
+            "Update events written to subscribers.",
             self.events_sent_total.to_string(),
         );
-        gauge(
+        single(
             &mut s,
             "flagsmith_sse_pings_sent_total",
-            "Keep-alive comments written to subscribers.",
             "counter",
+            "Keep-alive comments written to subscribers.",
             self.pings_sent_total.to_string(),
         );
-        gauge(
+        single(
             &mut s,
             "flagsmith_sse_environments_cached",
-            "Environments whose update time is known.",
             "gauge",
+            "Environments whose update time is known.",
             g.environments_cached.to_string(),
         );
-        gauge(
+        single(
             &mut s,
             "flagsmith_sse_last_fetch_age_seconds",
-            "Seconds since the last successful fetch from the store.",
             "gauge",
+            "Seconds since the last successful fetch from the store.",
             format!("{:.3}", g.last_fetch_age_seconds),
         );
-        gauge(
+        single(
             &mut s,
             "flagsmith_sse_store_ready",
-            "1 if the store answered its last fetch.",
             "gauge",
+            "1 if the store answered its last fetch.",
             u8::from(g.store_ready).to_string(),
         );
-        let _ = write!(
-            s,
-            "# HELP flagsmith_sse_queue_changes_total Queue-change requests by result.\n# TYPE flagsmith_sse_queue_changes_total counter\n"
+        family(
+            &mut s,
+            "flagsmith_sse_queue_changes_total",
+            "counter",
+            "Queue-change requests by result.",
+            QueueResult::ALL.map(|r| {
+                (
+                    format!("{{result=\"{}\"}}", r.label()),
+                    self.queue_changes[r as usize].to_string(),
+                )
+            }),
         );
-        for r in QueueResult::ALL {
-            let _ = writeln!(
-                s,
-                "flagsmith_sse_queue_changes_total{{result=\"{}\"}} {}",
-                r.label(),
-                self.queue_changes[r as usize]
-            );
-        }
-        let _ = write!(
-            s,
-            "# HELP flagsmith_sse_connections_rejected_total Connections and subscriptions refused, by reason.\n# TYPE flagsmith_sse_connections_rejected_total counter\n"
+        family(
+            &mut s,
+            "flagsmith_sse_connections_rejected_total",
+            "counter",
+            "Connections and subscriptions refused, by reason.",
+            Rejection::ALL.map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.label()),
+                    self.rejected[r as usize].to_string(),
+                )
+            }),
         );
-        for r in Rejection::ALL {
-            let _ = writeln!(
-                s,
-                "flagsmith_sse_connections_rejected_total{{reason=\"{}\"}} {}",
-                r.label(),
-                self.rejected[r as usize]
-            );
-        }
-        let _ = write!(
-            s,
-            "# HELP flagsmith_sse_redis_commands_total Store commands sent, by command.\n# TYPE flagsmith_sse_redis_commands_total counter\n"
+        let by_command = |f: fn(&CommandStats) -> u64| {
+            self.store_commands
+                .iter()
+                .map(move |(cmd, st)| (format!("{{command=\"{cmd}\"}}"), f(st).to_string()))
+        };
+        family(
+            &mut s,
+            "flagsmith_sse_redis_commands_total",
+            "counter",
+            "Store commands sent, by command.",
+            by_command(|st| st.sent),
         );
-        for (cmd, st) in &self.store_commands {
-            let _ = writeln!(
-                s,
-                "flagsmith_sse_redis_commands_total{{command=\"{cmd}\"}} {}",
-                st.sent
-            );
-        }
-        let _ = write!(
-            s,
-            "# HELP flagsmith_sse_redis_errors_total Store commands failed, by command.\n# TYPE flagsmith_sse_redis_errors_total counter\n"
+        family(
+            &mut s,
+            "flagsmith_sse_redis_errors_total",
+            "counter",
+            "Store commands failed, by command.",
+            by_command(|st| st.failed),
         );
-        for (cmd, st) in &self.store_commands {
-            let _ = writeln!(
-                s,
-                "flagsmith_sse_redis_errors_total{{command=\"{cmd}\"}} {}",
-                st.failed
-            );
-        }
         let name = "flagsmith_sse_fanout_duration_seconds";
         let _ = write!(
             s,
-            "# HELP {name} Time from an update entering the cache to its last socket write.\n# TYPE {name} histogram\n"
+            "# HELP {name} Time to write one update to every subscriber of its environment, from its release (after any coalescing window) to the last socket write.\n# TYPE {name} histogram\n"
         );
         for (le, n) in FANOUT_BUCKETS.iter().zip(self.fanout_counts) {
             let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {n}");
@@ -263,5 +257,19 @@ impl Metrics {
         let _ = writeln!(s, "{name}_sum {}", self.fanout_sum);
         let _ = writeln!(s, "{name}_count {}", self.fanout_count);
         s
+    }
+}
+
+/// Writes one metric family: its HELP and TYPE lines, then one sample per (labels, value).
+fn family(
+    s: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, String)>,
+) {
+    let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    for (labels, value) in samples {
+        let _ = writeln!(s, "{name}{labels} {value}");
     }
 }
