@@ -17,11 +17,12 @@ Access-Control-Allow-Origin: *\r\n\
 X-Accel-Buffering: no\r\n\
 Transfer-Encoding: chunked\r\n\r\n";
 
-/// Response head of a stream to an HTTP/1.0 request: the body ends when the connection closes.
+/// Response head of a stream to an HTTP/1.0 request: the same headers without chunking; the
+/// body ends when the connection closes (there is no length, so no client can reuse it).
 pub const HEAD_PLAIN: &[u8] = b"HTTP/1.1 200 OK\r\n\
 Content-Type: text/event-stream\r\n\
 Cache-Control: no-cache\r\n\
-Connection: close\r\n\
+Connection: keep-alive\r\n\
 Access-Control-Allow-Origin: *\r\n\
 X-Accel-Buffering: no\r\n\r\n";
 
@@ -92,6 +93,13 @@ mod tests {
                 .unwrap()
                 .contains("{\"updated_at\": 1735229888.0}\n")
         );
+    }
+
+    #[test]
+    fn both_heads_carry_the_same_headers_but_chunking() {
+        let chunked = std::str::from_utf8(HEAD_CHUNKED).unwrap();
+        let plain = std::str::from_utf8(HEAD_PLAIN).unwrap();
+        assert_eq!(chunked.replace("Transfer-Encoding: chunked\r\n", ""), plain);
     }
 
     #[test]

@@ -397,6 +397,7 @@ fn http10_subscriber_gets_bare_events_until_close() {
         "{head}"
     );
     assert!(head.contains("\r\nx-accel-buffering: no\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: keep-alive\r\n"), "{head}");
     assert_eq!(
         sub.next(Duration::from_secs(5)),
         Some(Item::Update(text.clone()))
