@@ -233,11 +233,6 @@ impl Stream {
             .map_or(0, |p| p.bytes(self.chunked).len())
     }
 
-    /// Whether the queued output ends the stream.
-    pub fn end_queued(&self) -> bool {
-        matches!(self.out, Some((Piece::End, _))) || matches!(self.next, Some(Piece::End))
-    }
-
     /// Writes queued pieces, both in one system call when two are queued (the response head
     /// and the first event of a new stream). `Done`: all written. `now` stamps `last_write`.
     pub fn flush(&mut self, sock: &mut TcpStream, now: u64) -> Io {

@@ -203,13 +203,3 @@ impl Drop for SignalFd {
         SIGNAL_FD.store(-1, Ordering::SeqCst);
     }
 }
-
-/// Microseconds of CPU time this process has used (user plus system).
-pub fn cpu_time_micros() -> u64 {
-    // SAFETY: an all-zero rusage is valid; getrusage fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    us(ru.ru_utime) + us(ru.ru_stime)
-}

@@ -177,6 +177,14 @@ fn unauthorized_queue_change_is_401_with_the_exact_body() {
         assert_eq!(r.header("content-type"), Some("application/json"));
         assert_cors(&r);
     }
+    // A complete request refused for its token leaves the connection usable.
+    let mut s = connect(server.addr);
+    s.write_all(post_raw("k", "Authorization: Token wrong\r\n", body).as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut s).status, 401);
+    s.write_all(b"GET /health/liveness/ HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s).status, 200);
     // Nothing was stored: a subscriber gets no initial event.
     let mut sub = Subscriber::connect(server.addr, "k");
     assert_eq!(sub.next(Duration::from_millis(500)), None);

@@ -70,18 +70,18 @@ impl Server {
             return;
         };
         let Some(head) = &h.reader.head else { return };
+        // Only a body still to come is worth refusing early; a complete request is answered in
+        // `dispatch`, and the connection stays usable.
+        if head.body == BodyFraming::None || h.reader.has_buffered() {
+            return;
+        }
         if let (Route::QueueChange(_), Method::Post) = (&head.route, head.method)
             && !http::authorized(head.authorization.as_deref(), &self.cfg.token.0)
         {
             self.metrics.queue_change(QueueResult::Unauthorized);
-            let out = unauthorized();
-            return self.linger(token, out);
+            return self.linger(token, unauthorized(false));
         }
-        if head.expect_continue
-            && !h.continued
-            && !h.reader.has_buffered()
-            && head.body != BodyFraming::None
-        {
+        if head.expect_continue && !h.continued {
             h.continued = true;
             h.respond(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
@@ -165,7 +165,7 @@ impl Server {
             (Route::QueueChange(key), _) => {
                 if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) {
                     self.metrics.queue_change(QueueResult::Unauthorized);
-                    unauthorized_keep(keep_alive)
+                    unauthorized(keep_alive)
                 } else {
                     match crate::json::parse_queue_change(body) {
                         Err(e) => {
@@ -206,11 +206,8 @@ impl Server {
     }
 }
 
-fn unauthorized() -> Vec<u8> {
-    unauthorized_keep(false)
-}
-
-fn unauthorized_keep(keep_alive: bool) -> Vec<u8> {
+/// The 401 answer to a queue-change without the right token.
+fn unauthorized(keep_alive: bool) -> Vec<u8> {
     http::response(
         401,
         "application/json",
