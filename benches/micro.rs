@@ -1,6 +1,7 @@
 //! Microbenchmarks of the hot pure functions: the request parser (`http::parse_head`,
-//! `http::Reader`), the time parsers (`timestamp::parse_iso8601`, `json::parse_queue_change`)
-//! and the frame encoder (`sse::Event::new`).
+//! `http::Reader`), the time parsers (`timestamp::parse_iso8601`, `json::parse_queue_change`),
+//! the `updated_at` formatter (`timestamp::write_epoch_seconds`) and the frame encoder
+//! (`sse::Event::new`).
 //!
 //! `cargo bench --bench micro [-- [--quick] [FILTER]]`. Each benchmark is calibrated so that one
 //! sample takes about 5 ms, then sampled 31 times; the median time per call is reported with the
@@ -174,6 +175,18 @@ fn main() {
     ] {
         b.run(&format!("json::parse_queue_change/{label}"), || {
             json::parse_queue_change(black_box(body))
+        });
+    }
+    // One time whose microsecond decimal reads back at or below it, one whose does not.
+    for (label, micros) in [
+        ("plain form", 1_736_705_202_028_060),
+        ("7 digits", 1_736_705_300_000_003),
+    ] {
+        let mut out = Vec::with_capacity(32);
+        b.run(&format!("timestamp::write_epoch_seconds/{label}"), || {
+            out.clear();
+            timestamp::write_epoch_seconds(black_box(micros), &mut out);
+            out.len()
         });
     }
     b.run("sse::Event::new", || {
