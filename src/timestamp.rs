@@ -216,7 +216,7 @@ fn check_bounds(micros: i64) -> Result<Micros, TimeError> {
 
 /// Parses a JSON number lexeme of epoch seconds (`1735229888`, `1735229888.760412`, `1.7e9`).
 ///
-/// Plain decimals are converted exactly (digits past the sixth fractional one are truncated);
+/// Plain decimals are converted exactly and rounded to the nearest microsecond (half up);
 /// numbers with an exponent go through `f64` and are rounded to the nearest microsecond.
 pub fn parse_epoch_seconds(lexeme: &str) -> Result<Micros, TimeError> {
     const WHAT: &str = "a number of epoch seconds";
@@ -250,24 +250,119 @@ pub fn parse_epoch_seconds(lexeme: &str) -> Result<Micros, TimeError> {
     if c.i != c.s.len() {
         return Err(TimeError::Syntax(WHAT));
     }
+    // Digits past the sixth round to the nearest microsecond (half up): a number is read as
+    // the value it names, and `write_epoch_seconds` may write seven digits.
+    let fraction = fraction + i64::from(frac.as_bytes().get(6).is_some_and(|&d| d >= b'5'));
     let secs: i64 = int.parse().map_err(|_| TimeError::Syntax(WHAT))?;
     check_bounds(secs * MICROS_PER_SECOND + fraction)
 }
 
-/// Appends `micros` as epoch seconds with a decimal point: `1735229888.760412`,
-/// `1735229888.76`, `1735229888.0`. Trailing zeros are trimmed, but one digit always follows
-/// the point, because the Flutter SDK ignores an integer.
+/// Appends `micros` as the `updated_at` number SDKs read: epoch seconds with a decimal point.
+///
+/// Every SDK reads the number as an IEEE-754 double, and the Go SDK truncates it to
+/// nanoseconds, so the value written is the largest double *not above* the exact time, as the
+/// shortest decimal that reads back to that double. When the double nearest to the plain
+/// microsecond decimal is not above the time (about half of all times), that is the plain
+/// decimal with trailing zeros trimmed (`1735229888.760412`, `1735229888.76`); otherwise it
+/// has more digits (`1736705300.000003` is written `1736705300.0000029`). One digit always
+/// follows the point, because the Flutter SDK ignores an integer: `1735229888.0`, `0.0`.
+///
+/// Read back and rounded to the nearest microsecond, the number is the exact time for every
+/// time before 2106-02-07 (2^32 seconds). Later, one double step exceeds half a microsecond
+/// (a whole one from 2242 on), and the number may read back as a neighbouring microsecond
+/// (up to 46 µs away by the year 9999). Negative (pre-1970) times follow the same rule; the
+/// server never stores one.
 pub fn write_epoch_seconds(micros: Micros, out: &mut Vec<u8>) {
-    let secs = micros.div_euclid(MICROS_PER_SECOND);
-    let mut frac = micros.rem_euclid(MICROS_PER_SECOND);
-    let mut digits = 6;
-    while digits > 1 && frac % 10 == 0 {
-        frac /= 10;
-        digits -= 1;
-    }
     use std::io::Write;
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "{secs}.{frac:0digits$}");
+    // Below 2^33 s one double step is less than a microsecond, so no decimal with six
+    // fractional digits or fewer other than the time itself reads back to the time's nearest
+    // double: when that double is not above the time, the plain form is the shortest.
+    // Below 2^53 µs the integer converts exactly and the division rounds correctly.
+    const PLAIN_BELOW: Micros = (1 << 33) * MICROS_PER_SECOND;
+    if (0..PLAIN_BELOW).contains(&micros)
+        && cmp_exact(micros as f64 / 1e6, micros) != std::cmp::Ordering::Greater
+    {
+        let secs = micros / MICROS_PER_SECOND;
+        let mut frac = micros % MICROS_PER_SECOND;
+        let mut digits = 6;
+        while digits > 1 && frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{secs}.{frac:0digits$}");
+        return;
+    }
+    let start = out.len();
+    // `Display` for f64 writes the shortest decimal that reads back to the same double, never
+    // in exponent notation; an integral value comes without a point.
+    let _ = write!(out, "{}", at_or_below(micros));
+    if !out[start..].contains(&b'.') {
+        out.extend_from_slice(b".0");
+    }
+}
+
+/// The largest double not above `micros` microseconds, in seconds.
+fn at_or_below(micros: Micros) -> f64 {
+    use std::cmp::Ordering::Greater;
+    // Within a step or two of the answer: the conversion of a large integer and the division
+    // each round once.
+    let mut d = micros as f64 / 1e6;
+    while cmp_exact(d, micros) == Greater {
+        d = d.next_down();
+    }
+    while cmp_exact(d.next_up(), micros) != Greater {
+        d = d.next_up();
+    }
+    // No -0.0: it would be written with a sign.
+    d + 0.0
+}
+
+/// Compares the exact value of the finite double `d` (seconds) with `micros` microseconds.
+fn cmp_exact(d: f64, micros: Micros) -> std::cmp::Ordering {
+    use std::cmp::Ordering::{Greater, Less};
+    if d == 0.0 {
+        return 0.cmp(&micros);
+    }
+    match (d < 0.0, micros < 0) {
+        (false, true) => Greater,
+        (true, false) => Less,
+        (false, false) => cmp_magnitude(d, micros.unsigned_abs()),
+        (true, true) => cmp_magnitude(-d, micros.unsigned_abs()).reverse(),
+    }
+}
+
+/// Compares the exact value of the positive finite double `d` (seconds) with `micros`
+/// microseconds, as `m * 2^e * 10^6` against `micros` in 128-bit integers.
+fn cmp_magnitude(d: f64, micros: u64) -> std::cmp::Ordering {
+    use std::cmp::Ordering::{Greater, Less};
+    let bits = d.to_bits();
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    let fraction = bits & ((1 << 52) - 1);
+    let (m, e) = if biased == 0 {
+        (fraction, -1074)
+    } else {
+        (fraction | (1 << 52), biased - 1075)
+    };
+    // m * 10^6 < 2^73.
+    let scaled = u128::from(m) * 1_000_000;
+    if e >= 0 {
+        // 2^55 * 10^6 exceeds every u64; below that the shift fits in 128 bits.
+        if e >= 55 {
+            return Greater;
+        }
+        return (scaled << e).cmp(&u128::from(micros));
+    }
+    let shift = e.unsigned_abs();
+    let micros = u128::from(micros);
+    if micros == 0 {
+        return Greater;
+    }
+    if micros.leading_zeros() < shift {
+        // micros * 2^shift is at least 2^128, above any m * 10^6.
+        return Less;
+    }
+    scaled.cmp(&(micros << shift))
 }
 
 /// The current wall-clock time in microseconds since the epoch.
@@ -280,6 +375,7 @@ pub fn now_micros() -> Micros {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cmp::Ordering;
 
     const T: i64 = 1_736_705_202_028_060; // 2025-01-12T18:06:42.028060Z
 
@@ -337,7 +433,8 @@ mod tests {
     #[test]
     fn epoch_numbers() {
         assert_eq!(parse_epoch_seconds("1736705202.02806"), Ok(T));
-        assert_eq!(parse_epoch_seconds("1736705202.0280609"), Ok(T));
+        assert_eq!(parse_epoch_seconds("1736705202.0280604"), Ok(T));
+        assert_eq!(parse_epoch_seconds("1736705202.0280609"), Ok(T + 1));
         assert_eq!(parse_epoch_seconds("1736705202"), Ok(T - 28_060));
         assert_eq!(parse_epoch_seconds("1.736705202e9"), Ok(T - 28_060));
         assert_eq!(parse_epoch_seconds("0"), Ok(0));
@@ -345,6 +442,12 @@ mod tests {
         assert!(parse_epoch_seconds("1e300").is_err());
         assert!(parse_epoch_seconds("1.").is_err());
         assert!(parse_epoch_seconds("99999999999999").is_err());
+    }
+
+    fn written(micros: Micros) -> String {
+        let mut out = Vec::new();
+        write_epoch_seconds(micros, &mut out);
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
@@ -355,22 +458,242 @@ mod tests {
             (1_735_229_888_000_000, "1735229888.0"),
             (1_735_229_888_500_000, "1735229888.5"),
             (1_735_229_888_000_001, "1735229888.000001"),
+            // The nearest double to ….000003 is above the time: the one below it is written.
+            (1_736_705_300_000_003, "1736705300.0000029"),
             (0, "0.0"),
+            (-1_000_000, "-1.0"),
+            (-1_500_000, "-1.5"),
         ];
         for (micros, want) in cases {
-            let mut out = Vec::new();
-            write_epoch_seconds(micros, &mut out);
-            assert_eq!(String::from_utf8(out).unwrap(), want);
+            assert_eq!(written(micros), want, "{micros}");
         }
     }
 
     #[test]
     fn round_trips_through_text() {
-        for micros in [0, 1, 999_999, T, MAX_MICROS] {
-            let mut out = Vec::new();
-            write_epoch_seconds(micros, &mut out);
-            let text = String::from_utf8(out).unwrap();
+        // After 2^32 s one double step exceeds half a microsecond: see `write_epoch_seconds`.
+        for micros in [0, 1, 999_999, T, (1 << 32) * MICROS_PER_SECOND - 1] {
+            let text = written(micros);
             assert_eq!(parse_epoch_seconds(&text), Ok(micros), "{text}");
         }
+        // Later times read back within a double step and a half (steps of 2^-15 s by 9999).
+        for micros in [
+            MAX_MICROS,
+            MAX_MICROS - 17,
+            (1 << 32) * MICROS_PER_SECOND + 1,
+        ] {
+            let text = written(micros);
+            let back = parse_epoch_seconds(&text).unwrap();
+            assert!((micros - back).abs() <= 46, "{text} for {micros}");
+        }
+    }
+
+    #[test]
+    fn epoch_numbers_round_to_the_microsecond() {
+        assert_eq!(
+            parse_epoch_seconds("1736705300.0000029"),
+            Ok(1_736_705_300_000_003)
+        );
+        assert_eq!(
+            parse_epoch_seconds("1736705300.0000025"),
+            Ok(1_736_705_300_000_003)
+        );
+        assert_eq!(
+            parse_epoch_seconds("1736705300.00000249"),
+            Ok(1_736_705_300_000_002)
+        );
+        assert_eq!(
+            parse_epoch_seconds("1736705300.9999999"),
+            Ok(1_736_705_301_000_000)
+        );
+    }
+
+    /// Exact comparison of the double `v` (seconds) with `micros`, from `v`'s exact decimal
+    /// expansion: independent of the integer arithmetic in `cmp_exact`.
+    fn reference_cmp(v: f64, micros: i64) -> Ordering {
+        if v < 0.0 || (v == 0.0 && micros < 0) {
+            return reference_cmp(-v, -micros).reverse();
+        }
+        if micros < 0 {
+            return Ordering::Greater;
+        }
+        // A double's exact expansion has as many fractional digits as its exponent is below 0.
+        let text = if v >= 1.0 {
+            format!("{v:.52}")
+        } else {
+            format!("{v:.1100}")
+        };
+        let (int, frac) = text.split_once('.').unwrap();
+        let int: i64 = int.parse().unwrap();
+        let secs = micros / MICROS_PER_SECOND;
+        let want = format!(
+            "{:06}{}",
+            micros % MICROS_PER_SECOND,
+            "0".repeat(frac.len() - 6)
+        );
+        int.cmp(&secs).then_with(|| frac.cmp(want.as_str()))
+    }
+
+    /// `v` written with `digits` fractional digits, rounded down and up.
+    fn neighbours(v: f64, digits: usize) -> [f64; 2] {
+        let text = format!("{v:.52}");
+        let (int, frac) = text.split_once('.').unwrap();
+        let down: u128 = format!("{int}{}", &frac[..digits]).parse().unwrap();
+        let scale = 10u128.pow(digits as u32);
+        [down, down + 1].map(|n| {
+            format!("{}.{:0digits$}", n / scale, n % scale)
+                .parse()
+                .unwrap()
+        })
+    }
+
+    fn plain(micros: i64) -> String {
+        let text = format!(
+            "{}.{:06}",
+            micros / MICROS_PER_SECOND,
+            micros % MICROS_PER_SECOND
+        );
+        let trimmed = text.trim_end_matches('0');
+        if trimmed.ends_with('.') {
+            format!("{trimmed}0")
+        } else {
+            trimmed.to_owned()
+        }
+    }
+
+    /// Everything the rule and the SDKs ask of the text written for a time `micros >= 0`.
+    fn check(micros: i64) {
+        let text = written(micros);
+        let (int, frac) = text.split_once('.').expect("a decimal point");
+        assert!(!int.is_empty() && !frac.is_empty(), "{text}");
+        assert!(
+            text.bytes().all(|b| b.is_ascii_digit() || b == b'.'),
+            "{text}"
+        );
+        let v: f64 = text.parse().unwrap();
+        // The largest double not above the time.
+        assert_ne!(
+            reference_cmp(v, micros),
+            Ordering::Greater,
+            "{text} above {micros}"
+        );
+        assert_eq!(
+            reference_cmp(v.next_up(), micros),
+            Ordering::Greater,
+            "{text} not the largest double at or below {micros}"
+        );
+        // The shortest decimal for it: none with one digit fewer reads back to the same double.
+        if frac.len() > 1 && v >= 1.0 {
+            for shorter in neighbours(v, frac.len() - 1) {
+                assert_ne!(shorter, v, "{text}: a shorter decimal reads back the same");
+            }
+        }
+        // The plain form whenever its double is not above the time (up to 2^33 s, 2242: later
+        // one double step exceeds a microsecond and a shorter decimal may read back the same).
+        let plain = plain(micros);
+        let plain_double: f64 = plain.parse().unwrap();
+        if reference_cmp(plain_double, micros) != Ordering::Greater {
+            if micros < (1 << 33) * MICROS_PER_SECOND {
+                assert_eq!(text, plain);
+            }
+        } else if ((1 << 30) * MICROS_PER_SECOND..(1 << 32) * MICROS_PER_SECOND).contains(&micros) {
+            // 2004 to 2106. Later, one double step is nearly a microsecond and the shortest
+            // decimal may be another microsecond's plain form.
+            assert_eq!(frac.len(), 7, "{text} for {plain}");
+        }
+        // The Go SDK: sec = floor(v), ns = trunc((v - sec) * 1e9), never after the time.
+        let sec = v.floor();
+        let ns = ((v - sec) * 1e9).trunc();
+        assert!(
+            sec as i128 * 1_000_000_000 + ns as i128 <= i128::from(micros) * 1000,
+            "{text}: the Go SDK reads {sec} s {ns} ns, after {micros} µs"
+        );
+        if micros < (1 << 32) * MICROS_PER_SECOND {
+            // The Python SDK (`datetime.fromtimestamp`): the fraction times 1e6, rounded half
+            // to even, in doubles.
+            let sec = v.trunc();
+            let us = ((v - sec) * 1e6).round_ties_even();
+            assert_eq!(sec as i64 * MICROS_PER_SECOND + us as i64, micros, "{text}");
+            // And this server's own reading of the number.
+            assert_eq!(parse_epoch_seconds(&text), Ok(micros), "{text}");
+        }
+    }
+
+    #[test]
+    fn writes_the_largest_double_not_above_the_time() {
+        const S: i64 = MICROS_PER_SECOND;
+        let mut edges = vec![0, 1, 2, 3, 999_999, S, S + 1, 2 * S - 1, T, T + 1, T - 1];
+        for secs in [
+            1 << 30,
+            1 << 31,
+            1 << 32,
+            1 << 33,
+            1_736_705_300,
+            7_258_118_400,
+        ] {
+            for delta in [
+                -1_000_001, -1_000_000, -999_999, -1, 0, 1, 3, 999_999, 1_000_000,
+            ] {
+                edges.push(secs * S + delta);
+            }
+        }
+        for micros in edges {
+            check(micros);
+        }
+        // 1970-01-01 to 2200-01-01, from a fixed seed (splitmix64).
+        let mut state: u64 = 0x05ee_d0f7_13e5;
+        let span = 7_258_118_400 * S as u64;
+        let mut seven = 0;
+        const N: usize = 1_000_000;
+        for _ in 0..N {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let micros = (z % span) as i64;
+            check(micros);
+            if written(micros) != plain(micros) {
+                seven += 1;
+            }
+        }
+        // About half of all times need the longer form.
+        assert!((N * 4 / 10..N * 6 / 10).contains(&seven), "{seven} of {N}");
+    }
+
+    #[test]
+    fn the_plain_form_reads_newer_in_go_when_its_double_is_above() {
+        // Why the rule exists: 1736705300.000003 reads back as ….000003099 s in the Go SDK.
+        let v: f64 = "1736705300.000003".parse().unwrap();
+        let ns = ((v - v.floor()) * 1e9).trunc();
+        assert!(ns > 3000.0, "{ns}");
+        let v: f64 = written(1_736_705_300_000_003).parse().unwrap();
+        let ns = ((v - v.floor()) * 1e9).trunc();
+        assert!(ns <= 3000.0, "{ns}");
+    }
+
+    #[test]
+    fn negative_times_follow_the_same_rule() {
+        for micros in [
+            -1,
+            -2,
+            -3,
+            -999_999,
+            -1_000_001,
+            -1_736_705_300_000_003,
+            i64::MIN + 1,
+        ] {
+            let text = written(micros);
+            let v: f64 = text.parse().unwrap();
+            assert_ne!(reference_cmp(v, micros), Ordering::Greater, "{text}");
+            assert_eq!(
+                reference_cmp(v.next_up(), micros),
+                Ordering::Greater,
+                "{text}"
+            );
+            assert!(text.starts_with('-') && text.contains('.'), "{text}");
+        }
+        let text = written(i64::MIN);
+        assert!(text.starts_with("-9223372036854.77"), "{text}");
     }
 }

@@ -19,11 +19,8 @@ fn at(sec: u32, micros: u32) -> (String, String) {
         sec / 60,
         sec % 60
     );
-    let mut frac = format!("{micros:06}");
-    while frac.len() > 1 && frac.ends_with('0') {
-        frac.pop();
-    }
-    (body, format!("{}.{frac}", BASE + u64::from(sec)))
+    let micros = (BASE + u64::from(sec)) as i64 * 1_000_000 + i64::from(micros);
+    (body, epoch_text(micros))
 }
 
 /// POSTs the change and insists on a 200.
@@ -100,6 +97,32 @@ fn stream_response_head_is_exact_and_nothing_precedes_the_first_event() {
     assert_eq!(
         String::from_utf8_lossy(&sub.wire),
         String::from_utf8_lossy(&event_chunk(&text))
+    );
+}
+
+#[test]
+fn times_are_the_largest_double_not_above() {
+    // The double nearest to 1736705300.000003 lies above the time: the one below it is written,
+    // in the queue-change response and in the event alike.
+    let server = Server::start(&[("STREAM_DELAY", "0")]);
+    let mut sub = Subscriber::connect(server.addr, "decimal-env");
+    let r = queue_change(
+        server.addr,
+        "decimal-env",
+        r#"{"updated_at": "2025-01-12T18:08:20.000003+00:00"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        r#"{"status": "ok", "updated_at": 1736705300.0000029}"#
+    );
+    assert_eq!(
+        sub.next(Duration::from_secs(5)),
+        Some(Item::Update("1736705300.0000029".into()))
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&sub.wire),
+        String::from_utf8_lossy(&event_chunk("1736705300.0000029"))
     );
 }
 
