@@ -90,6 +90,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "set SO_REUSEPORT, to run one process per core on one port",
     ),
     ("LOG_LEVEL", "info", "error, warn, info, debug or trace"),
+    (
+        "REDIS_NOTIFY",
+        "true",
+        "publish a wake-up after every write and fetch at once on other instances' wake-ups (Redis Pub/Sub); false: the periodic fetch only",
+    ),
 ];
 
 /// Where the store lives.
@@ -153,6 +158,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Whether to set SO_REUSEPORT on the listener.
     pub reuse_port: bool,
+    /// Whether to publish and listen for wake-ups between instances (Redis only).
+    pub redis_notify: bool,
     /// Log verbosity.
     pub log_level: log::LevelFilter,
 }
@@ -237,8 +244,13 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
     }
 
     fn flag(&self, var: &'static str) -> Result<bool, ConfigError> {
+        self.flag_or(var, false)
+    }
+
+    fn flag_or(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(var).map(|v| v.to_ascii_lowercase()).as_deref() {
-            None | Some("false" | "0" | "no" | "off") => Ok(false),
+            None => Ok(default),
+            Some("false" | "0" | "no" | "off") => Ok(false),
             Some("true" | "1" | "yes" | "on") => Ok(true),
             Some(v) => Err(bad(var, format!("{v:?} is not true or false"))),
         }
@@ -306,10 +318,20 @@ impl Config {
                 ));
             }
         };
+        let store = store_config(&v)?;
+        let reuse_port = v.flag("REUSE_PORT")?;
+        if reuse_port && store == StoreConfig::Embedded {
+            return Err(bad(
+                "REUSE_PORT",
+                "true needs Redis (REDIS_URL or REDIS_HOST): with the embedded store, \
+                 processes on one port would share nothing and subscribers would miss changes \
+                 posted to another process",
+            ));
+        }
         Ok(Config {
             token: Token(token),
             bind: SocketAddr::new(ip, port),
-            store: store_config(&v)?,
+            store,
             cache_update_interval: v.seconds("CACHE_UPDATE_INTERVAL_SECONDS", 1.0, false)?,
             stream_delay: v.seconds("STREAM_DELAY", 1.0, true)?,
             max_stream_age,
@@ -317,7 +339,8 @@ impl Config {
             max_connections,
             request_timeout: v.seconds("REQUEST_TIMEOUT_SECONDS", 10.0, false)?,
             shutdown_grace: v.seconds("SHUTDOWN_GRACE_SECONDS", 5.0, true)?,
-            reuse_port: v.flag("REUSE_PORT")?,
+            reuse_port,
+            redis_notify: v.flag_or("REDIS_NOTIFY", true)?,
             log_level,
         })
     }
@@ -505,7 +528,29 @@ mod tests {
         assert_eq!(c.shutdown_grace, Duration::from_secs(5));
         assert_eq!(c.max_connections, None);
         assert!(!c.reuse_port);
+        assert!(c.redis_notify);
         assert!(!format!("{c:?}").contains("\"t\""));
+    }
+
+    #[test]
+    fn reuse_port_needs_redis_and_notify_can_be_turned_off() {
+        let e = cfg(&[("SSE_AUTHENTICATION_TOKEN", "t"), ("REUSE_PORT", "true")]).unwrap_err();
+        assert_eq!(e.var, "REUSE_PORT");
+        assert!(e.problem.contains("needs Redis"), "{e}");
+        let c = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REUSE_PORT", "true"),
+            ("REDIS_HOST", "cache"),
+            ("REDIS_NOTIFY", "false"),
+        ])
+        .unwrap();
+        assert!(c.reuse_port && !c.redis_notify);
+        let e = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_NOTIFY", "sometimes"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "REDIS_NOTIFY");
     }
 
     #[test]

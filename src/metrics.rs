@@ -80,6 +80,34 @@ impl Rejection {
     }
 }
 
+/// What started a fetch from the store, the `trigger` label of `flagsmith_sse_fetches_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchTrigger {
+    /// The periodic fetch (`CACHE_UPDATE_INTERVAL_SECONDS`), the first one included.
+    Interval,
+    /// Another instance's wake-up, or the wake-up listener reconnecting.
+    Wakeup,
+    /// Not a trigger: a fetch (started by either) that loaded a full snapshot instead of the
+    /// changes since the previous fetch; counted when it returns.
+    Snapshot,
+}
+
+impl FetchTrigger {
+    const ALL: [FetchTrigger; 3] = [
+        FetchTrigger::Interval,
+        FetchTrigger::Wakeup,
+        FetchTrigger::Snapshot,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            FetchTrigger::Interval => "interval",
+            FetchTrigger::Wakeup => "wakeup",
+            FetchTrigger::Snapshot => "snapshot",
+        }
+    }
+}
+
 /// Upper bounds of the fan-out histogram, in seconds.
 const FANOUT_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -96,6 +124,7 @@ pub struct Metrics {
     pub pings_sent_total: u64,
     queue_changes: [u64; 5],
     rejected: [u64; 6],
+    fetches: [u64; 3],
     fanout_counts: [u64; FANOUT_BUCKETS.len()],
     fanout_count: u64,
     fanout_sum: f64,
@@ -127,6 +156,11 @@ impl Metrics {
     /// Counts a refused connection or subscription.
     pub fn reject(&mut self, r: Rejection) {
         self.rejected[r as usize] += 1;
+    }
+
+    /// Counts a fetch by what started it, or one that loaded a snapshot.
+    pub fn fetch(&mut self, t: FetchTrigger) {
+        self.fetches[t as usize] += 1;
     }
 
     /// Records one fan-out's duration.
@@ -223,6 +257,18 @@ impl Metrics {
                 (
                     format!("{{reason=\"{}\"}}", r.label()),
                     self.rejected[r as usize].to_string(),
+                )
+            }),
+        );
+        family(
+            &mut s,
+            "flagsmith_sse_fetches_total",
+            "counter",
+            "Fetches from the store started by the interval or by a wake-up; snapshot: those (of either) that loaded a full snapshot.",
+            FetchTrigger::ALL.map(|t| {
+                (
+                    format!("{{trigger=\"{}\"}}", t.label()),
+                    self.fetches[t as usize].to_string(),
                 )
             }),
         );

@@ -374,6 +374,11 @@ const ACL_USERS: &[&str] = &[
     "+xrevrange",
     "+hscan",
     "+ping",
+    // Wake-ups: the listener subscribes, the script publishes.
+    "resetchannels",
+    "&{flagsmith_sse}:wake",
+    "+subscribe",
+    "+publish",
     // Called by the Lua script.
     "+exists",
     "+set",

@@ -9,7 +9,7 @@
 use crate::config::{Config, StoreConfig};
 use crate::conn::{self, Closing, Conn, Http, Io, Piece, State, Stream};
 use crate::http::{self, BodyFraming, Head, HttpError, Method, Parsed, Route};
-use crate::metrics::{Gauges, Metrics, QueueResult, Rejection};
+use crate::metrics::{FetchTrigger, Gauges, Metrics, QueueResult, Rejection};
 use crate::slab::Slab;
 use crate::sse::Event;
 use crate::store::{self, Change, Command, Helper, Reply, Store, StoreError};
@@ -25,6 +25,7 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 mod replies;
@@ -33,7 +34,7 @@ mod streams;
 
 /// The listening socket.
 pub const LISTENER: Token = Token(usize::MAX - 1);
-/// The helper thread's waker.
+/// The waker of the store helper and of the wake-up listener.
 pub const WAKER: Token = Token(usize::MAX - 2);
 /// SIGTERM / SIGINT.
 pub const SIGNAL: Token = Token(usize::MAX - 3);
@@ -126,6 +127,12 @@ pub struct Server {
     helper: Helper,
     signals: sys::SignalFd,
     fetch_in_flight: bool,
+    /// Set by the wake-up listener thread: another instance wrote; fetch now.
+    wakeup_flag: Arc<AtomicBool>,
+    /// A wake-up arrived and its fetch has not started yet (one fetch covers any number).
+    wakeup_pending: bool,
+    /// The wake-up listener, with Redis and `REDIS_NOTIFY` on.
+    _notify: Option<store::notify::Listener>,
     next_fetch_at: u64,
     /// Last successful fetch (ms); start time until the first.
     last_fetch_ok: u64,
@@ -146,26 +153,27 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX / 4)) as u64
 }
 
-/// Opens the store the configuration names.
-pub fn open_store(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
+/// Opens the store the configuration names; `wake_id`: publish wake-ups carrying it.
+pub fn open_store(
+    cfg: &StoreConfig,
+    wake_id: Option<String>,
+) -> Result<Box<dyn Store>, StoreError> {
     match cfg {
         StoreConfig::Embedded => Ok(Box::new(store::MemoryStore::default())),
         StoreConfig::Redis {
             url,
             changelog_maxlen,
             cluster: false,
-        } => Ok(Box::new(store::redis::RedisStore::new(
-            url,
-            *changelog_maxlen,
-        )?)),
+        } => Ok(Box::new(
+            store::redis::RedisStore::new(url, *changelog_maxlen)?.with_wakeups(wake_id),
+        )),
         StoreConfig::Redis {
             url,
             changelog_maxlen,
             cluster: true,
-        } => Ok(Box::new(store::redis::RedisStore::new_cluster(
-            url,
-            *changelog_maxlen,
-        )?)),
+        } => Ok(Box::new(
+            store::redis::RedisStore::new_cluster(url, *changelog_maxlen)?.with_wakeups(wake_id),
+        )),
     }
 }
 
@@ -198,8 +206,27 @@ impl Server {
             Interest::READABLE,
         )?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let store = open_store(&cfg.store).map_err(|e| io::Error::other(e.to_string()))?;
+        let instance_id = store::notify::instance_id();
+        let notify = cfg.redis_notify && cfg.store != StoreConfig::Embedded;
+        let store = open_store(&cfg.store, notify.then(|| instance_id.clone()))
+            .map_err(|e| io::Error::other(e.to_string()))?;
         info!("using {}", store.describe());
+        let wakeup_flag = Arc::new(AtomicBool::new(false));
+        let notify = match &cfg.store {
+            StoreConfig::Redis { url, cluster, .. } if notify => {
+                let (flag, waker) = (wakeup_flag.clone(), waker.clone());
+                Some(store::notify::Listener::start(
+                    url,
+                    *cluster,
+                    instance_id,
+                    move || {
+                        flag.store(true, Ordering::Release);
+                        let _ = waker.wake();
+                    },
+                )?)
+            }
+            _ => None,
+        };
         let helper = Helper::start(store, move || {
             let _ = waker.wake();
         })?;
@@ -224,6 +251,9 @@ impl Server {
             helper,
             signals,
             fetch_in_flight: false,
+            wakeup_flag,
+            wakeup_pending: false,
+            _notify: notify,
             next_fetch_at: 0,
             last_fetch_ok: 0,
             store_ready,
@@ -436,12 +466,22 @@ impl Server {
         }
     }
 
-    fn run_timers(&mut self) {
-        let now = self.now();
+    /// Starts a fetch when the interval is due or a wake-up came, unless one is in flight. A
+    /// wake-up that finds a fetch in flight waits for it: any number of them make one fetch.
+    fn schedule_fetch(&mut self, now: u64) {
+        if self.wakeup_flag.swap(false, Ordering::Acquire) {
+            self.wakeup_pending = true;
+        }
+        if self.wakeup_pending && !self.fetch_in_flight && self.helper.send(Command::Fetch) {
+            self.fetch_in_flight = true;
+            self.wakeup_pending = false;
+            self.metrics.fetch(FetchTrigger::Wakeup);
+        }
         if now >= self.next_fetch_at {
             let interval = ms(self.cfg.cache_update_interval).max(1);
             if !self.fetch_in_flight && self.helper.send(Command::Fetch) {
                 self.fetch_in_flight = true;
+                self.metrics.fetch(FetchTrigger::Interval);
             }
             // A slow fetch makes the next one skip rather than queue up.
             self.next_fetch_at = if self.next_fetch_at + interval > now {
@@ -450,6 +490,11 @@ impl Server {
                 now + interval
             };
         }
+    }
+
+    fn run_timers(&mut self) {
+        let now = self.now();
+        self.schedule_fetch(now);
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
             if at > now {
                 break;

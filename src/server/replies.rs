@@ -15,6 +15,7 @@ impl Server {
                     self.store_ready = true;
                     self.last_fetch_ok = now;
                     if fetched.snapshot {
+                        self.metrics.fetch(FetchTrigger::Snapshot);
                         debug!(
                             "loaded a snapshot of {} environments",
                             fetched.changes.len()

@@ -4,9 +4,11 @@
 //! thread, which runs them against a blocking [`Store`] implementation and sends [`Reply`]s
 //! back, waking the loop with its `mio::Waker`. Writes that queue up while the helper is busy
 //! are sent to the store as one batch; at most one fetch is in flight because the loop only asks
-//! for the next one after the previous reply.
+//! for the next one after the previous reply. With Redis, a second thread ([`notify`]) listens
+//! for other instances' wake-ups and asks the loop to fetch at once.
 
 mod memory;
+pub mod notify;
 pub mod redis;
 
 pub use memory::MemoryStore;

@@ -59,8 +59,11 @@ const MAX_LOG_PAGES: usize = 100;
 const SCAN_COUNT: usize = 1000;
 
 /// Moves times forward and logs each move. KEYS: times, log, epoch. ARGV: log length, epoch
-/// candidate, then key and time pairs. Returns the time stored for each pair, in order.
-/// Times are compared as canonical decimal integers, exactly (no floating point).
+/// candidate, wake-up payload (empty: publish none), then key and time pairs. Returns the time
+/// stored for each pair, in order. Times are compared as canonical decimal integers, exactly
+/// (no floating point). When a time moved, the payload is published on
+/// [`super::notify::CHANNEL`]; a refusal (an ACL user without the channel) is ignored: the
+/// write stands, and other instances find it with their periodic fetch.
 pub const WRITE_SCRIPT: &str = r#"
 local function newer(a, b)
   local an, bn = string.sub(a, 1, 1) == '-', string.sub(b, 1, 1) == '-'
@@ -74,7 +77,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
 end
 local out = {}
 local added = 0
-for i = 3, #ARGV - 1, 2 do
+for i = 4, #ARGV - 1, 2 do
   local k, t = ARGV[i], ARGV[i + 1]
   local cur = redis.call('HGET', KEYS[1], k)
   if not cur or newer(t, cur) then
@@ -87,6 +90,9 @@ for i = 3, #ARGV - 1, 2 do
 end
 if added > 0 then
   redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[1])
+  if ARGV[3] ~= '' then
+    redis.pcall('PUBLISH', '{flagsmith_sse}:wake', ARGV[3])
+  end
 end
 return out
 "#;
@@ -149,6 +155,8 @@ pub struct RedisStore {
     writes: u64,
     /// SHA1 of [`WRITE_SCRIPT`], for EVALSHA.
     script_sha: String,
+    /// What writes publish as a wake-up; empty: none.
+    wake_payload: String,
 }
 
 impl RedisStore {
@@ -200,6 +208,13 @@ impl RedisStore {
         }
     }
 
+    /// Makes every write that moves a time publish a wake-up carrying `instance_id` (see
+    /// [`super::notify`]); `None` publishes nothing.
+    pub fn with_wakeups(mut self, instance_id: Option<String>) -> RedisStore {
+        self.wake_payload = instance_id.unwrap_or_default();
+        self
+    }
+
     fn with_target(url: &str, target: Target, changelog_maxlen: u64) -> RedisStore {
         let instance_id = format!(
             "{:x}-{:x}",
@@ -215,6 +230,7 @@ impl RedisStore {
             instance_id,
             writes: 0,
             script_sha: ::redis::Script::new(WRITE_SCRIPT).get_hash().to_owned(),
+            wake_payload: String::new(),
         }
     }
 
@@ -290,7 +306,8 @@ impl Store for RedisStore {
                 self.instance_id,
                 crate::timestamp::now_micros(),
                 self.writes
-            ));
+            ))
+            .arg(&self.wake_payload);
         self.writes += 1;
         for c in batch {
             cmd.arg(c.key.as_bytes()).arg(c.time);
