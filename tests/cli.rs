@@ -1,5 +1,5 @@
 //! The binary's command line: `--help`, `--version`, `--healthcheck`, start-up errors, and
-//! two processes sharing one port with REUSE_PORT.
+//! two processes sharing one port with REUSE_PORT (on Redis; refused with the embedded store).
 
 mod common;
 use common::*;
@@ -99,10 +99,26 @@ fn embedded_store_is_announced() {
 
 #[test]
 fn reuse_port_lets_two_processes_share_a_port() {
+    let redis = Redis::start();
     let port = free_port().to_string();
-    let env = [("PORT", port.as_str()), ("REUSE_PORT", "true")];
+    let url = redis.url();
+    // A long fetch interval: what reaches the other process comes through its wake-up.
+    let env = [
+        ("PORT", port.as_str()),
+        ("REUSE_PORT", "true"),
+        ("REDIS_URL", url.as_str()),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "30"),
+        ("STREAM_DELAY", "0"),
+    ];
     let a = Server::start(&env);
     let b = Server::start(&env);
+    for s in [&a, &b] {
+        assert!(
+            s.wait_log("listening for wake-ups", Duration::from_secs(10)),
+            "{}",
+            s.log()
+        );
+    }
     assert_eq!(a.addr, b.addr);
     // The kernel spreads connections over both processes; keep subscribing until each holds
     // some (counted by each process's own open descriptors, since a request to the shared port
@@ -114,27 +130,36 @@ fn reuse_port_lets_two_processes_share_a_port() {
         a.open_fds() > base_a && b.open_fds() > base_b
     });
     assert!(spread, "connections did not reach both processes");
-    // With the embedded store each process delivers what it received itself: publish newer
-    // times until every subscriber, on either process, has had an update.
-    let mut got = vec![false; subs.len()];
-    let mut published = 0;
-    let all = wait_until(Duration::from_secs(20), || {
-        published += 1;
-        let body = format!("{{\"updated_at\": {}.5}}", 1_700_000_000 + published);
-        assert_eq!(queue_change(a.addr, "shared", &body).status, 200);
-        for (s, g) in subs.iter_mut().zip(got.iter_mut()) {
-            if !*g {
-                *g = s.next_update(Duration::from_millis(100)).is_some();
-            }
-        }
-        got.iter().all(|g| *g)
-    });
+    // One change, posted to whichever process the kernel picks, reaches every subscriber on
+    // both processes: the other process hears of it through Redis.
+    let body = "{\"updated_at\": 1700000001.5}";
+    assert_eq!(queue_change(a.addr, "shared", body).status, 200);
+    for (i, s) in subs.iter_mut().enumerate() {
+        assert_eq!(
+            s.next_update(Duration::from_secs(3)).as_deref(),
+            Some("1700000001.5"),
+            "subscriber {i} of {}",
+            a.addr
+        );
+    }
+}
+
+#[test]
+fn reuse_port_with_the_embedded_store_exits_2_naming_the_problem() {
+    let out = bin()
+        .env("SSE_AUTHENTICATION_TOKEN", "t")
+        .env("PORT", free_port().to_string())
+        .env("REUSE_PORT", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("REUSE_PORT"), "{err}");
     assert!(
-        all,
-        "{} of {} subscribers got no update after {published} changes",
-        got.iter().filter(|g| !**g).count(),
-        subs.len()
+        err.contains("needs Redis (REDIS_URL or REDIS_HOST)"),
+        "{err}"
     );
+    assert!(err.contains("embedded store"), "{err}");
 }
 
 #[test]
