@@ -315,3 +315,145 @@ fn a_hung_node_holding_the_slot_makes_requests_fail_within_seconds() {
         resumed.elapsed()
     );
 }
+
+/// A cluster-mode instance with a fetch interval of 30 s: what it delivers within a second of
+/// another instance's write came through the wake-up.
+#[track_caller]
+fn slow_instance(nodes: &str) -> Server {
+    Server::start(&[
+        ("USE_CLUSTER_MODE", "true"),
+        ("REDIS_URL", nodes),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "30"),
+        ("STREAM_DELAY", "0"),
+        ("MAX_STREAM_AGE", "-1"),
+    ])
+}
+
+/// Reads updates until `micros` arrives: how long that took, or `None` after `timeout`.
+fn time_to(sub: &mut Subscriber, micros: i64, timeout: Duration) -> Option<Duration> {
+    let want = epoch_text(micros);
+    let started = Instant::now();
+    let deadline = started + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match sub.next_update(left) {
+            Some(got) if got == want => return Some(started.elapsed()),
+            Some(_) => {}
+            None => return None,
+        }
+    }
+    None
+}
+
+#[track_caller]
+fn wait_listening(server: &Server) {
+    wait_ready(server);
+    assert!(
+        server.wait_log("listening for wake-ups on", Duration::from_secs(10)),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_wake_up_crosses_nodes_between_instances_seeded_with_different_nodes() {
+    let _serial = serial();
+    let cluster = Cluster::start();
+    let owner = cluster.owner_of("{flagsmith_sse}");
+    // Neither instance's seed holds the keys; each listens on its own seed.
+    let (x, y) = ((owner + 1) % 3, (owner + 2) % 3);
+    let a = slow_instance(&cluster.nodes[x].url());
+    let b = slow_instance(&cluster.nodes[y].url());
+    wait_listening(&a);
+    wait_listening(&b);
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let subscribers = node
+            .cli(&["PUBSUB", "NUMSUB", "{flagsmith_sse}:wake"])
+            .unwrap_or_default();
+        let want = if i == owner { "0" } else { "1" };
+        assert_eq!(subscribers.lines().nth(1), Some(want), "node {i}");
+    }
+    let mut on_b = Subscriber::connect(b.addr, "cross-env");
+    let mut waits = Vec::new();
+    for i in 0..5 {
+        let t = BASE + i * 1_000_001;
+        let posted = Instant::now();
+        post_ok(a.addr, "cross-env", t, t);
+        assert!(
+            time_to(&mut on_b, t, Duration::from_secs(5)).is_some(),
+            "change {i} did not reach b:\n{}",
+            b.log()
+        );
+        waits.push(posted.elapsed());
+    }
+    let (median, max) = median_max(&waits);
+    println!("post on a to event on b across nodes: median {median:?}, max {max:?}");
+    assert!(max < Duration::from_secs(1), "{waits:?}");
+    let m = b.metrics();
+    assert_eq!(m["flagsmith_sse_fetches_total{trigger=\"wakeup\"}"], 5.0);
+}
+
+#[test]
+fn wake_ups_resume_after_the_node_carrying_them_restarts() {
+    let _serial = serial();
+    let mut cluster = Cluster::start();
+    let owner = cluster.owner_of("{flagsmith_sse}");
+    // b knows only the node that holds the keys, runs the write script and publishes: its
+    // listener is on the node that restarts.
+    let a = slow_instance(&cluster.urls());
+    let b = slow_instance(&cluster.nodes[owner].url());
+    wait_listening(&a);
+    wait_listening(&b);
+    let mut on_b = Subscriber::connect(b.addr, "failover-env");
+    post_ok(a.addr, "failover-env", BASE, BASE);
+    let took = time_to(&mut on_b, BASE, Duration::from_secs(5)).expect("delivered");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    cluster.nodes[owner].restart();
+    assert!(
+        cluster.wait_ok(Duration::from_secs(20)),
+        "the cluster did not recover"
+    );
+    assert!(
+        b.wait_log(
+            "wake-up listener lost its Redis connection",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        b.log()
+    );
+    assert!(
+        b.wait_log(
+            "listening for wake-ups on {flagsmith_sse}:wake again",
+            Duration::from_secs(10)
+        ),
+        "the listener did not come back:\n{}",
+        b.log()
+    );
+    // The node came back empty: the first write after it may wait for the instances' store
+    // connections to recover; then each change crosses at once again.
+    let mut t = BASE + 1_000_001;
+    assert!(
+        wait_until(Duration::from_secs(10), || post_micros(
+            a.addr,
+            "failover-env",
+            t
+        )
+        .status
+            == 200),
+        "{}",
+        a.log()
+    );
+    assert!(
+        time_to(&mut on_b, t, Duration::from_secs(5)).is_some(),
+        "{}",
+        b.log()
+    );
+    for _ in 0..3 {
+        t += 1_000_001;
+        let posted = Instant::now();
+        post_ok(a.addr, "failover-env", t, t);
+        assert!(time_to(&mut on_b, t, Duration::from_secs(5)).is_some());
+        let took = posted.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+}
