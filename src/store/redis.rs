@@ -10,7 +10,8 @@
 //!   (or missing) epoch tells an instance that Redis lost or replaced its data.
 //!
 //! One Lua script writes a whole batch: for each item it moves the hash entry forward only and
-//! appends to the log only when it did, so the hash and the log never disagree. A fetch reads
+//! appends to the log only when it did, so the hash and the log never disagree. When a time
+//! moved, it also publishes a wake-up for the other instances ([`super::notify`]). A fetch reads
 //! the log from the last entry this instance saw (inclusive: that entry must still be there,
 //! else the log was trimmed past it) plus the epoch, in one pipelined round trip per page; its
 //! cost grows with the changes since the previous fetch. With no position, a trimmed position
