@@ -146,6 +146,10 @@ fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
         on_b.next_update(Duration::from_secs(3)),
         Some(epoch_text(t1))
     );
+    // a applied its own write without a fetch: let both fetch once, so that each knows the
+    // data's epoch before the node loses it.
+    wait_fetched(&a);
+    wait_fetched(&b);
 
     // The owner dies (SIGKILL to its pid). It keeps no data (no RDB, no AOF).
     cluster.nodes[owner].stop();

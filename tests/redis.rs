@@ -212,6 +212,10 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
         on_b.next_update(Duration::from_secs(2)),
         Some(epoch_text(t1))
     );
+    // a applied its own write without a fetch: let both fetch once, so that each knows the
+    // data's epoch before Redis loses it.
+    wait_fetched(&a);
+    wait_fetched(&b);
 
     redis.stop();
     let killed = Instant::now();

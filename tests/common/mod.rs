@@ -1244,3 +1244,26 @@ pub fn assert_resynchronised(server: &Server, key: &str, newest: i64) {
         Some(epoch_text(newest))
     );
 }
+
+/// Waits (5 s at most) until the server has completed a fetch that started after this call:
+/// two more fetches started (at most one is in flight, so the first of them has returned).
+#[track_caller]
+pub fn wait_fetched(server: &Server) {
+    let started = |s: &Server| {
+        let m = s.metrics();
+        ["interval", "wakeup"]
+            .iter()
+            .map(|t| {
+                m.get(&format!("flagsmith_sse_fetches_total{{trigger=\"{t}\"}}"))
+                    .copied()
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    let before = started(server);
+    assert!(
+        wait_until(Duration::from_secs(5), || started(server) >= before + 2.0),
+        "no fetch completed; log:\n{}",
+        server.log()
+    );
+}
