@@ -461,3 +461,131 @@ fn wake_ups_resume_after_the_node_carrying_them_restarts() {
         assert!(took < Duration::from_secs(1), "{took:?}");
     }
 }
+
+/// Adds a replica of node `primary` to the cluster and waits until it is in sync.
+#[track_caller]
+fn add_replica(cluster: &Cluster, primary: usize) -> Redis {
+    let bus = free_port().to_string();
+    let replica = Redis::start_on(
+        free_port(),
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-port",
+            &bus,
+            "--cluster-node-timeout",
+            "60000",
+        ],
+    );
+    let id = cluster.nodes[primary]
+        .cli(&["CLUSTER", "MYID"])
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "add-node"])
+        .arg(format!("127.0.0.1:{}", replica.port))
+        .arg(format!("127.0.0.1:{}", cluster.nodes[primary].port))
+        .args(["--cluster-slave", "--cluster-master-id", &id])
+        .output()
+        .expect("redis-cli");
+    assert!(
+        out.status.success(),
+        "add-node: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || replica
+            .cli(&["INFO", "replication"])
+            .is_some_and(|i| i.contains("master_link_status:up"))),
+        "the replica did not sync"
+    );
+    replica
+}
+
+#[test]
+fn wake_ups_survive_a_failover_of_the_node_the_listener_is_on() {
+    let _serial = serial();
+    let mut cluster = Cluster::start();
+    let owner = cluster.owner_of("{flagsmith_sse}");
+    let replica = add_replica(&cluster, owner);
+    // b's first seed is the primary of the keys: its listener subscribes there.
+    let others: Vec<String> = (0..3)
+        .filter(|i| *i != owner)
+        .map(|i| cluster.nodes[i].url())
+        .collect();
+    let b_seeds = format!("{},{}", cluster.nodes[owner].url(), others.join(","));
+    let a = slow_instance(&cluster.urls());
+    let b = slow_instance(&b_seeds);
+    wait_listening(&a);
+    wait_listening(&b);
+    let subscribed = |n: &Redis| {
+        n.cli(&["PUBSUB", "NUMSUB", "{flagsmith_sse}:wake"])
+            .unwrap_or_default()
+            .lines()
+            .nth(1)
+            .and_then(|c| c.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    assert!(subscribed(&cluster.nodes[owner]) >= 1);
+    let mut on_b = Subscriber::connect(b.addr, "failover-wake");
+    post_ok(a.addr, "failover-wake", BASE, BASE);
+    let took = time_to(&mut on_b, BASE, Duration::from_secs(5)).expect("delivered");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // The primary dies; its replica takes over without it.
+    cluster.nodes[owner].stop();
+    let killed = Instant::now();
+    assert_eq!(
+        replica
+            .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
+            .unwrap_or_default()
+            .trim(),
+        "OK"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || replica
+            .cli(&["ROLE"])
+            .is_some_and(|r| r.starts_with("master"))),
+        "the replica did not take over"
+    );
+    assert!(
+        b.wait_log(
+            "listening for wake-ups on {flagsmith_sse}:wake again",
+            Duration::from_secs(10)
+        ),
+        "the listener did not move to another node:\n{}",
+        b.log()
+    );
+    let mut t = BASE + 1_000_001;
+    assert!(
+        wait_until(Duration::from_secs(15), || post_micros(
+            a.addr,
+            "failover-wake",
+            t
+        )
+        .status
+            == 200),
+        "writes did not resume after the failover:\n{}",
+        a.log()
+    );
+    println!(
+        "writes accepted {:?} after the primary died",
+        killed.elapsed()
+    );
+    assert!(
+        time_to(&mut on_b, t, Duration::from_secs(5)).is_some(),
+        "{}",
+        b.log()
+    );
+    for _ in 0..3 {
+        t += 1_000_001;
+        let posted = Instant::now();
+        post_ok(a.addr, "failover-wake", t, t);
+        assert!(time_to(&mut on_b, t, Duration::from_secs(5)).is_some());
+        let took = posted.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+}

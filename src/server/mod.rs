@@ -62,6 +62,9 @@ const MIN_RESERVED_FDS: u64 = 16;
 const ACCEPT_RETRY_MS: u64 = 100;
 /// Keep-alive deadlines are rounded down to multiples of this (ms); see [`ping_due`].
 const PING_TICK_MS: u64 = 100;
+/// Wait before a wake-up whose fetch failed is tried again (ms): the change it announced is
+/// known to be waiting, and the store's own backoff answers at once meanwhile.
+const WAKEUP_RETRY_MS: u64 = 250;
 /// Hard limit after the shutdown grace period before the loop exits anyway (ms).
 const SHUTDOWN_SLACK_MS: u64 = 3_000;
 
@@ -131,6 +134,10 @@ pub struct Server {
     wakeup_flag: Arc<AtomicBool>,
     /// A wake-up arrived and its fetch has not started yet (one fetch covers any number).
     wakeup_pending: bool,
+    /// The fetch in flight was started by a wake-up.
+    fetch_for_wakeup: bool,
+    /// A wake-up's fetch failed: try again at this time (ms); `u64::MAX`: nothing owed.
+    wakeup_retry_at: u64,
     /// The wake-up listener, with Redis and `REDIS_NOTIFY` on.
     _notify: Option<store::notify::Listener>,
     next_fetch_at: u64,
@@ -253,6 +260,8 @@ impl Server {
             fetch_in_flight: false,
             wakeup_flag,
             wakeup_pending: false,
+            fetch_for_wakeup: false,
+            wakeup_retry_at: u64::MAX,
             _notify: notify,
             next_fetch_at: 0,
             last_fetch_ok: 0,
@@ -355,7 +364,7 @@ impl Server {
             return Some(Duration::ZERO);
         }
         let mut next = self.timers.peek().map_or(u64::MAX, |Reverse((at, _))| *at);
-        next = next.min(self.next_fetch_at);
+        next = next.min(self.next_fetch_at).min(self.wakeup_retry_at);
         if self.listener_ready {
             next = next.min(self.accept_retry_at);
         }
@@ -469,11 +478,13 @@ impl Server {
     /// Starts a fetch when the interval is due or a wake-up came, unless one is in flight. A
     /// wake-up that finds a fetch in flight waits for it: any number of them make one fetch.
     fn schedule_fetch(&mut self, now: u64) {
-        if self.wakeup_flag.swap(false, Ordering::Acquire) {
+        if self.wakeup_flag.swap(false, Ordering::Acquire) || now >= self.wakeup_retry_at {
             self.wakeup_pending = true;
+            self.wakeup_retry_at = u64::MAX;
         }
         if self.wakeup_pending && !self.fetch_in_flight && self.helper.send(Command::Fetch) {
             self.fetch_in_flight = true;
+            self.fetch_for_wakeup = true;
             self.wakeup_pending = false;
             self.metrics.fetch(FetchTrigger::Wakeup);
         }
@@ -481,6 +492,7 @@ impl Server {
             let interval = ms(self.cfg.cache_update_interval).max(1);
             if !self.fetch_in_flight && self.helper.send(Command::Fetch) {
                 self.fetch_in_flight = true;
+                self.fetch_for_wakeup = false;
                 self.metrics.fetch(FetchTrigger::Interval);
             }
             // A slow fetch makes the next one skip rather than queue up.

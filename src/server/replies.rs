@@ -9,6 +9,7 @@ impl Server {
             match reply {
                 Reply::Fetched(Ok(fetched)) => {
                     self.fetch_in_flight = false;
+                    self.wakeup_retry_at = u64::MAX;
                     if !self.store_ready {
                         info!("store is available");
                     }
@@ -27,6 +28,10 @@ impl Server {
                 }
                 Reply::Fetched(Err(e)) => {
                     self.fetch_in_flight = false;
+                    if self.fetch_for_wakeup {
+                        // A change is known to be waiting: do not leave it to the interval.
+                        self.wakeup_retry_at = now + WAKEUP_RETRY_MS;
+                    }
                     if self.store_ready || self.last_fetch_ok == 0 {
                         warn!("fetch failed: {e}");
                     }
