@@ -262,6 +262,48 @@ fn a_killed_listener_connection_loses_no_change() {
     assert!(!on_b.ended);
 }
 
+#[test]
+fn a_listener_whose_connection_keeps_being_killed_backs_off() {
+    let _serial = serial();
+    let redis = Redis::start();
+    let a = instance(&redis.url(), "1", &[]);
+    let b = instance(&redis.url(), "1", &[]);
+    wait_listening(&a);
+    wait_listening(&b);
+    let before = redis.calls("subscribe");
+    // Kill every subscriber connection as soon as it appears, for two seconds.
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let n: u32 = redis
+            .cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+            .and_then(|o| o.trim().parse().ok())
+            .unwrap_or(0);
+        kills += n;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let subscribes = redis.calls("subscribe") - before;
+    println!("{kills} listener connections killed in 2 s; {subscribes} SUBSCRIBEs");
+    // Backoff (0, 100, 200, 400, 800 ms ...) allows about six attempts each in 2 s; a tight
+    // loop would make hundreds.
+    assert!(kills >= 2, "{kills}");
+    assert!(subscribes <= 20, "{subscribes} SUBSCRIBEs in 2 s");
+    // Left alone, both subscribe again, and changes are delivered.
+    assert!(
+        wait_until(Duration::from_secs(5), || redis
+            .cli(&["PUBSUB", "NUMSUB", CHANNEL])
+            .unwrap_or_default()
+            .lines()
+            .nth(1)
+            == Some("2")),
+        "{}",
+        b.log()
+    );
+    let mut on_b = Subscriber::connect(b.addr, "flap-env");
+    post_ok(a.addr, "flap-env", BASE, BASE);
+    assert!(time_to(&mut on_b, BASE, Duration::from_secs(3)).is_some());
+}
+
 /// Arguments for a `redis-server` whose default user is off, with an `admin` for the test.
 const ADMIN_ONLY: &[&str] = &[
     "--user",

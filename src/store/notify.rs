@@ -30,6 +30,10 @@ pub const CHANNEL: &str = "{flagsmith_sse}:wake";
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Wait before subscribing again after Redis refused the channel (`-NOPERM`).
 pub const NOPERM_RETRY: Duration = Duration::from_secs(60);
+/// A subscription that lasted this long ends the backoff; one that ends sooner counts as a
+/// failed attempt, so that a connection dropped right after each subscription (by a proxy, or
+/// `CLIENT KILL` in a loop) is retried with backoff, not in a tight loop.
+const STABLE: Duration = Duration::from_secs(1);
 
 /// A fresh id for this process, carried by its wake-ups: unique among instances (time and pid).
 pub fn instance_id() -> String {
@@ -52,8 +56,9 @@ enum Ended {
     Stopped,
     /// Redis refused the channel to this user.
     NoPermission(RedisError),
-    /// Connecting, subscribing or reading failed.
-    Failed(RedisError),
+    /// Connecting, subscribing or reading failed; `subscribed` says since when the connection
+    /// had been subscribed, if it got that far.
+    Failed(RedisError, Option<Instant>),
 }
 
 impl Listener {
@@ -144,6 +149,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 fn run(clients: &[Client], own_id: &str, stop: &AtomicBool, wake: &dyn Fn()) {
+    // Failed attempts in a row (a subscription shorter than STABLE counts as one).
     let mut failures: u32 = 0;
     let mut next = 0;
     let mut subscribed_before = false;
@@ -153,17 +159,14 @@ fn run(clients: &[Client], own_id: &str, stop: &AtomicBool, wake: &dyn Fn()) {
             return;
         };
         let mut on_subscribed = || {
-            if failures > 0 || refused_before {
-                info!("listening for wake-ups on {CHANNEL} again");
-            } else if !subscribed_before {
-                info!("listening for wake-ups on {CHANNEL}");
-            }
             if subscribed_before {
+                info!("listening for wake-ups on {CHANNEL} again");
                 // Wake-ups may have been published while this connection was down.
                 wake();
+            } else {
+                info!("listening for wake-ups on {CHANNEL}");
             }
             subscribed_before = true;
-            failures = 0;
             refused_before = false;
         };
         match listen(client, own_id, stop, wake, &mut on_subscribed) {
@@ -181,7 +184,10 @@ fn run(clients: &[Client], own_id: &str, stop: &AtomicBool, wake: &dyn Fn()) {
                     return;
                 }
             }
-            Ended::Failed(e) => {
+            Ended::Failed(e, subscribed) => {
+                if subscribed.is_some_and(|at| at.elapsed() >= STABLE) {
+                    failures = 0;
+                }
                 failures = failures.saturating_add(1);
                 next += 1;
                 if failures == 1 {
@@ -216,7 +222,7 @@ fn listen(
     };
     let mut conn = match setup() {
         Ok(c) => c,
-        Err(e) => return Ended::Failed(e),
+        Err(e) => return Ended::Failed(e, None),
     };
     // SUBSCRIBE as a plain command, so that a refusal comes back as an error to look at.
     match ::redis::cmd("SUBSCRIBE")
@@ -228,16 +234,17 @@ fn listen(
             return if is_noperm(&e) {
                 Ended::NoPermission(e)
             } else {
-                Ended::Failed(e)
+                Ended::Failed(e, None)
             };
         }
         Ok(_) => {}
         Err(e) if is_noperm(&e) => return Ended::NoPermission(e),
-        Err(e) => return Ended::Failed(e),
+        Err(e) => return Ended::Failed(e, None),
     }
     on_subscribed();
+    let since = Some(Instant::now());
     if let Err(e) = conn.set_read_timeout(Some(HEARTBEAT)) {
-        return Ended::Failed(e);
+        return Ended::Failed(e, since);
     }
     let mut pubsub = conn.as_pubsub();
     loop {
@@ -258,10 +265,10 @@ fn listen(
             // the same timeout; messages that come before it are kept for the next read.)
             Err(e) if e.is_timeout() => {
                 if let Err(e) = pubsub.ping::<Value>() {
-                    return Ended::Failed(e);
+                    return Ended::Failed(e, since);
                 }
             }
-            Err(e) => return Ended::Failed(e),
+            Err(e) => return Ended::Failed(e, since),
         }
     }
 }
