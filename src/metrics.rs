@@ -1,7 +1,9 @@
 //! Counters and gauges for `/metrics`, in Prometheus text format 0.0.4.
 //!
 //! They are plain integers owned by the event loop: no atomics, no locks. The store's command
-//! counters arrive with the helper thread's replies.
+//! counters arrive with the helper thread's replies. The build-info series and the standard
+//! `process_*` series (CPU, resident memory, descriptors, start time) are read from the kernel
+//! only when `/metrics` is scraped: a few small `/proc` reads and two system calls.
 
 use crate::store::CommandStats;
 use std::fmt::Write;
@@ -302,8 +304,125 @@ impl Metrics {
         let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {}", self.fanout_count);
         let _ = writeln!(s, "{name}_sum {}", self.fanout_sum);
         let _ = writeln!(s, "{name}_count {}", self.fanout_count);
+        family(
+            &mut s,
+            "flagsmith_sse_build_info",
+            "gauge",
+            "Always 1; the version label says which build is running.",
+            [(
+                format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
+                "1".to_owned(),
+            )],
+        );
+        process(&mut s);
         s
     }
+}
+
+/// Writes the standard process series, each only when the kernel tells its value.
+fn process(s: &mut String) {
+    let single = |s: &mut String, name: &str, kind: &str, help: &str, value: String| {
+        family(s, name, kind, help, [(String::new(), value)]);
+    };
+    if let Some(cpu) = cpu_seconds() {
+        single(
+            s,
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            format!("{cpu:.6}"),
+        );
+    }
+    if let Some(rss) = resident_bytes() {
+        single(
+            s,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss.to_string(),
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        single(
+            s,
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            dir.count().to_string(),
+        );
+    }
+    if let Some(max) = max_fds() {
+        single(
+            s,
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max.to_string(),
+        );
+    }
+    if let Some(start) = start_time_seconds() {
+        single(
+            s,
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            format!("{start:.2}"),
+        );
+    }
+}
+
+/// User plus system CPU time of the process, from `getrusage`.
+fn cpu_seconds() -> Option<f64> {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill in.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(secs(ru.ru_utime) + secs(ru.ru_stime))
+}
+
+/// Resident set size: the second field of `/proc/self/statm`, in pages.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok().filter(|p| *p > 0)?)
+}
+
+/// The soft open-file limit.
+fn max_fds() -> Option<libc::rlim_t> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    Some(lim.rlim_cur)
+}
+
+/// Start time as Unix seconds: the boot time from `/proc/stat` plus the process's start, in
+/// clock ticks after boot, from field 22 of `/proc/self/stat`.
+fn start_time_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let after = stat.rsplit_once(')')?.1;
+    let ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let boot = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: u64 = boot
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(btime as f64 + ticks as f64 / hz as f64)
 }
 
 /// Writes one metric family: its HELP and TYPE lines, then one sample per (labels, value).
