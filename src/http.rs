@@ -107,6 +107,8 @@ pub enum Route {
     Readiness,
     /// `/metrics`
     Metrics,
+    /// `/admin/environments`: the environments with subscribers on this instance.
+    AdminEnvironments,
     /// Anything else: 404.
     NotFound,
 }
@@ -119,6 +121,7 @@ impl Route {
             "/health" | "/health/" | "/health/readiness" | "/health/readiness/" => Route::Readiness,
             "/health/liveness" | "/health/liveness/" => Route::Liveness,
             "/metrics" => Route::Metrics,
+            "/admin/environments" | "/admin/environments/" => Route::AdminEnvironments,
             _ => {
                 let Some(rest) = path.strip_prefix("/sse/environments/") else {
                     return Route::NotFound;
@@ -143,6 +146,7 @@ impl Route {
         match self {
             Route::Stream(_) => "GET, OPTIONS",
             Route::QueueChange(_) => "POST, OPTIONS",
+            Route::AdminEnvironments => "GET, OPTIONS",
             Route::Liveness | Route::Readiness | Route::Metrics => "GET, HEAD, OPTIONS",
             Route::NotFound => "",
         }
@@ -152,7 +156,7 @@ impl Route {
     pub fn allows(&self, method: Method) -> bool {
         match (self, method) {
             (_, Method::Options) => !matches!(self, Route::NotFound),
-            (Route::Stream(_), Method::Get) => true,
+            (Route::Stream(_) | Route::AdminEnvironments, Method::Get) => true,
             (Route::QueueChange(_), Method::Post) => true,
             (Route::Liveness | Route::Readiness | Route::Metrics, Method::Get | Method::Head) => {
                 true
@@ -634,6 +638,9 @@ mod tests {
             ("/health/readiness/", Route::Readiness),
             ("/health/liveness/", Route::Liveness),
             ("/metrics", Route::Metrics),
+            ("/admin/environments", Route::AdminEnvironments),
+            ("/admin/environments?limit=5", Route::AdminEnvironments),
+            ("/admin", Route::NotFound),
             ("/", Route::NotFound),
         ];
         for (target, want) in table {

@@ -142,6 +142,17 @@ impl Server {
                     head_only,
                 )
             }
+            (Route::AdminEnvironments, _) => {
+                if http::authorized(head.authorization.as_deref(), &self.cfg.token.0) {
+                    json(
+                        200,
+                        "Cache-Control: no-store\r\n",
+                        &self.admin_environments(),
+                    )
+                } else {
+                    unauthorized(keep_alive)
+                }
+            }
             (Route::Stream(key), _) => {
                 let stale = now.saturating_sub(self.last_fetch_ok)
                     > 3 * ms(self.cfg.cache_update_interval).max(1);
