@@ -7,7 +7,7 @@
 mod common;
 use common::*;
 use flagsmith_sse::store::redis::TIMES_KEY;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Mutex, MutexGuard};
@@ -678,4 +678,191 @@ fn tls_in_a_build_without_it_exits_2_naming_the_variable() {
         assert_eq!(code, Some(2), "{err}");
         assert!(err.contains(var) && err.contains("--features tls"), "{err}");
     }
+}
+
+/// GETs `/admin/environments` with the given `Authorization` header line (or none).
+fn admin(addr: SocketAddr, auth: Option<&str>) -> Response {
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    request(
+        addr,
+        format!("GET /admin/environments HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+}
+
+/// Polls `/admin/environments` until its body starts with `prefix`; returns the last body.
+#[track_caller]
+fn admin_until(addr: SocketAddr, prefix: &str, timeout: Duration) -> String {
+    let token = format!("Token {TOKEN}");
+    let mut last = String::new();
+    let ok = wait_until(timeout, || {
+        let r = admin(addr, Some(&token));
+        assert_eq!(r.status, 200, "{}", r.text());
+        last = r.text();
+        last.starts_with(prefix)
+    });
+    assert!(ok, "wanted a body starting with {prefix}\ngot {last}");
+    last
+}
+
+#[test]
+fn admin_environments_lists_subscribed_environments_largest_first() {
+    let _serial = serial();
+    let server = Server::start(&[("STREAM_DELAY", "0"), ("MAX_STREAM_AGE", "-1")]);
+    let addr = server.addr;
+    let empty = r#"{"environments_with_subscribers": 0, "subscribers": 0, "listed": 0, "environments": []}"#;
+    assert_eq!(admin_until(addr, empty, Duration::from_secs(5)), empty);
+
+    // A known time for "mid" only; "big" has more subscribers, "small" fewer.
+    post_ok(addr, "mid", BASE, BASE);
+    let mut subs: Vec<Subscriber> = Vec::new();
+    for (key, n) in [("small", 1), ("mid", 2), ("big", 3)] {
+        for _ in 0..n {
+            subs.push(Subscriber::connect(addr, key));
+        }
+    }
+    let want = format!(
+        "{{\"environments_with_subscribers\": 3, \"subscribers\": 6, \"listed\": 3, \"environments\": [\
+         {{\"key\": \"big\", \"subscribers\": 3, \"updated_at\": null}}, \
+         {{\"key\": \"mid\", \"subscribers\": 2, \"updated_at\": {}}}, \
+         {{\"key\": \"small\", \"subscribers\": 1, \"updated_at\": null}}]}}",
+        epoch_text(BASE)
+    );
+    assert_eq!(admin_until(addr, &want, Duration::from_secs(10)), want);
+
+    // The newest time is the one events carry; a closed subscriber leaves the count.
+    post_ok(addr, "big", BASE + 1, BASE + 1);
+    subs.remove(0);
+    let want = format!(
+        "{{\"environments_with_subscribers\": 2, \"subscribers\": 5, \"listed\": 2, \"environments\": [\
+         {{\"key\": \"big\", \"subscribers\": 3, \"updated_at\": {}}}, \
+         {{\"key\": \"mid\", \"subscribers\": 2, \"updated_at\": {}}}]}}",
+        epoch_text(BASE + 1),
+        epoch_text(BASE)
+    );
+    assert_eq!(admin_until(addr, &want, Duration::from_secs(10)), want);
+    let r = admin(addr, Some(&format!("Token {TOKEN}")));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+
+    // Without the token, with a wrong one or another scheme: the queue-change's 401.
+    for auth in [None, Some("Token nope"), Some(&*format!("Bearer {TOKEN}"))] {
+        let r = admin(addr, auth);
+        assert_eq!(r.status, 401, "{auth:?}");
+        assert_eq!(
+            r.text(),
+            r#"{"detail": "Invalid authorization header"}"#,
+            "{auth:?}"
+        );
+        assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    }
+    // Other methods: 405 with Allow; a preflight names the methods.
+    let r = request(
+        addr,
+        b"DELETE /admin/environments HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, OPTIONS"));
+    let r = request(
+        addr,
+        b"OPTIONS /admin/environments HTTP/1.1\r\nHost: t\r\nOrigin: http://x\r\nAccess-Control-Request-Method: GET\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-methods"),
+        Some("GET, OPTIONS")
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    drop(subs);
+}
+
+#[test]
+fn admin_environments_lists_at_most_1000_and_counts_them_all() {
+    let _serial = serial();
+    let server = Server::start(&[("MAX_STREAM_AGE", "-1"), ("KEEPALIVE_SECONDS", "600")]);
+    let addr = server.addr;
+    // 1,001 environments with one subscriber each and one with two: 1,002 environments. The
+    // list holds "top", then the single ones by key; the last two keys are left out.
+    let mut socks = Vec::new();
+    for key in (0..1001)
+        .map(|i| format!("e{i:04}"))
+        .chain(["top".to_owned(), "top".to_owned()])
+    {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(stream_request(&key).as_bytes())
+            .expect("subscribe");
+        socks.push(s);
+    }
+    let body = admin_until(
+        addr,
+        r#"{"environments_with_subscribers": 1002, "subscribers": 1003, "listed": 1000, "environments": [{"key": "top", "subscribers": 2, "updated_at": null}, {"key": "e0000", "subscribers": 1, "updated_at": null}, "#,
+        Duration::from_secs(60),
+    );
+    assert_eq!(body.matches("\"key\": ").count(), 1000);
+    assert!(
+        body.ends_with(r#"{"key": "e0998", "subscribers": 1, "updated_at": null}]}"#),
+        "{}",
+        &body[body.len().saturating_sub(200)..]
+    );
+    assert!(!body.contains("e0999") && !body.contains("e1000"));
+}
+
+#[test]
+fn metrics_carry_build_info_and_the_process_series() {
+    let _serial = serial();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let server = Server::start(&[]);
+    let m = server.metrics();
+    let version = format!(
+        "flagsmith_sse_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(m.get(&version), Some(&1.0), "{m:?}");
+    let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("no {name}: {m:?}"));
+
+    let start = get("process_start_time_seconds");
+    // The start time has a clock tick's resolution (and the boot time a second's).
+    assert!(
+        start > before - 2.0 && start < before + 30.0,
+        "{start} vs {before}"
+    );
+    let rss = get("process_resident_memory_bytes");
+    let vm_rss = server.proc_status_kb("VmRSS:").expect("VmRSS") as f64 * 1024.0;
+    assert!(
+        rss > 0.0 && rss < 4.0 * vm_rss && vm_rss < 4.0 * rss,
+        "{rss} vs {vm_rss}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
+    let soft: f64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .expect("soft open-file limit");
+    assert_eq!(get("process_max_fds"), soft);
+
+    // Ten more open connections show in process_open_fds; CPU time only grows.
+    let fds = get("process_open_fds");
+    let cpu = get("process_cpu_seconds_total");
+    assert!(fds >= 5.0 && fds < soft, "{fds}");
+    let held: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect(server.addr).expect("connect"))
+        .collect();
+    let mut later = HashMap::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            later = server.metrics();
+            later
+                .get("process_open_fds")
+                .is_some_and(|n| *n >= fds + 10.0)
+        }),
+        "{later:?}"
+    );
+    assert!(later["process_cpu_seconds_total"] >= cpu);
+    drop(held);
 }
