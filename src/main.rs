@@ -12,7 +12,8 @@ fn main() {
 
 fn run() -> i32 {
     match std::env::args().nth(1).as_deref() {
-        None => {}
+        // `serve`: what Flagsmith's Helm chart passes to its SSE image; the same as no argument.
+        None | Some("serve") => {}
         Some("--help" | "-h") => {
             print!("{}", config::help());
             return 0;
