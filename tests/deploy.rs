@@ -257,8 +257,9 @@ fn run_tool(tool: &str, args: &[&str]) -> Option<std::process::Output> {
 }
 
 #[test]
-fn promtool_accepts_the_alert_rules() {
-    let rules = root().join("deploy/prometheus/alerts.yml");
+fn promtool_accepts_the_alert_rules_and_they_fire_as_meant() {
+    let dir = root().join("deploy/prometheus");
+    let rules = dir.join("alerts.yml");
     let Some(out) = run_tool("promtool", &["check", "rules", &rules.to_string_lossy()]) else {
         return;
     };
@@ -266,6 +267,12 @@ fn promtool_accepts_the_alert_rules() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
+    // alerts_test.yml: which alerts fire, when, with which labels and text, on given series.
+    let tests = dir.join("alerts_test.yml");
+    let out = run_tool("promtool", &["test", "rules", &tests.to_string_lossy()]).expect("promtool");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("SUCCESS"), "{text}");
 }
 
 #[test]
