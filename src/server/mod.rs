@@ -20,7 +20,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -61,6 +61,9 @@ const MIN_RESERVED_FDS: u64 = 16;
 const ACCEPT_RETRY_MS: u64 = 100;
 /// Keep-alive deadlines are rounded down to multiples of this (ms); see [`ping_due`].
 const PING_TICK_MS: u64 = 100;
+/// Queue-change writes at the store helper at most; beyond it (the helper stopped answering)
+/// new ones are answered 503 at once.
+const MAX_WRITES_AT_STORE: usize = 4 * 4096;
 /// Hard limit after the shutdown grace period before the loop exits anyway (ms).
 const SHUTDOWN_SLACK_MS: u64 = 3_000;
 
@@ -137,6 +140,11 @@ pub struct Server {
     /// Queue-change writes parsed in this turn, handed to the helper together at its end so
     /// that concurrent requests share one store round trip.
     pending_writes: Vec<(store::WriteId, Change)>,
+    /// Writes at the store not answered yet: id to (token, serial).
+    writes: HashMap<store::WriteId, (usize, u64)>,
+    /// When each write times out (ms), oldest first.
+    write_deadlines: VecDeque<(u64, store::WriteId)>,
+    next_write_id: store::WriteId,
     shutdown_at: Option<u64>,
     rng: u64,
     metrics: Metrics,
@@ -146,26 +154,25 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX / 4)) as u64
 }
 
-/// Opens the store the configuration names.
-pub fn open_store(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
+/// Opens the store the configuration names; with Redis, each write waits for `wait_replicas`.
+pub fn open_store(cfg: &StoreConfig, wait_replicas: u32) -> Result<Box<dyn Store>, StoreError> {
     match cfg {
         StoreConfig::Embedded => Ok(Box::new(store::MemoryStore::default())),
         StoreConfig::Redis {
             url,
             changelog_maxlen,
             cluster: false,
-        } => Ok(Box::new(store::redis::RedisStore::new(
-            url,
-            *changelog_maxlen,
-        )?)),
+        } => Ok(Box::new(
+            store::redis::RedisStore::new(url, *changelog_maxlen)?.wait_for_replicas(wait_replicas),
+        )),
         StoreConfig::Redis {
             url,
             changelog_maxlen,
             cluster: true,
-        } => Ok(Box::new(store::redis::RedisStore::new_cluster(
-            url,
-            *changelog_maxlen,
-        )?)),
+        } => Ok(Box::new(
+            store::redis::RedisStore::new_cluster(url, *changelog_maxlen)?
+                .wait_for_replicas(wait_replicas),
+        )),
     }
 }
 
@@ -198,7 +205,8 @@ impl Server {
             Interest::READABLE,
         )?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let store = open_store(&cfg.store).map_err(|e| io::Error::other(e.to_string()))?;
+        let store = open_store(&cfg.store, cfg.wait_replicas)
+            .map_err(|e| io::Error::other(e.to_string()))?;
         info!("using {}", store.describe());
         let helper = Helper::start(store, move || {
             let _ = waker.wake();
@@ -231,6 +239,9 @@ impl Server {
             scratch: vec![0; SCRATCH_SIZE],
             revisit: Vec::new(),
             pending_writes: Vec::new(),
+            writes: HashMap::new(),
+            write_deadlines: VecDeque::new(),
+            next_write_id: 1,
             shutdown_at: None,
             rng: seed | 1,
             metrics: Metrics::default(),
@@ -326,6 +337,7 @@ impl Server {
         }
         let mut next = self.timers.peek().map_or(u64::MAX, |Reverse((at, _))| *at);
         next = next.min(self.next_fetch_at);
+        next = next.min(self.next_write_deadline().unwrap_or(u64::MAX));
         if self.listener_ready {
             next = next.min(self.accept_retry_at);
         }
@@ -438,6 +450,7 @@ impl Server {
 
     fn run_timers(&mut self) {
         let now = self.now();
+        self.expire_writes(now);
         if now >= self.next_fetch_at {
             let interval = ms(self.cfg.cache_update_interval).max(1);
             if !self.fetch_in_flight && self.helper.send(Command::Fetch) {

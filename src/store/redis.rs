@@ -51,6 +51,9 @@ pub const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// Longest wait between connection attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(2);
 
+/// How long Redis `WAIT` waits for replicas (ms).
+pub const WAIT_TIMEOUT_MS: u64 = 1000;
+
 /// Log entries read per round trip.
 const LOG_PAGE: usize = 1000;
 /// Pages read per fetch at most; anything left comes with the next fetch.
@@ -101,9 +104,11 @@ enum Cmd {
     Xrange,
     Xrevrange,
     Hscan,
+    Wait,
+    Xtrim,
 }
 
-const CMD_NAMES: [&str; 7] = [
+const CMD_NAMES: [&str; 9] = [
     "connect",
     "script_load",
     "evalsha",
@@ -111,6 +116,8 @@ const CMD_NAMES: [&str; 7] = [
     "xrange",
     "xrevrange",
     "hscan",
+    "wait",
+    "xtrim",
 ];
 
 type Stats = [CommandStats; CMD_NAMES.len()];
@@ -149,6 +156,11 @@ pub struct RedisStore {
     writes: u64,
     /// SHA1 of [`WRITE_SCRIPT`], for EVALSHA.
     script_sha: String,
+    /// Replicas that must acknowledge each write (Redis `WAIT`); 0: none.
+    wait_replicas: u32,
+    /// The last write found the node unable to take writes: fetches check that it can before
+    /// they count as successful.
+    unwritable: bool,
 }
 
 impl RedisStore {
@@ -156,7 +168,7 @@ impl RedisStore {
     pub fn new(url: &str, changelog_maxlen: u64) -> Result<RedisStore, StoreError> {
         check_tls(url)?;
         let client = Client::open(url)
-            .map_err(|e| StoreError(format!("{}: {e}", crate::config::redact_url(url))))?;
+            .map_err(|e| StoreError::Config(format!("{}: {e}", crate::config::redact_url(url))))?;
         Ok(RedisStore::with_target(
             url,
             Target::Node(client),
@@ -184,7 +196,9 @@ impl RedisStore {
                 .response_timeout(IO_TIMEOUT)
                 .retries(0)
                 .build()
-                .map_err(|e| StoreError(format!("{}: {e}", crate::config::redact_url(nodes))))?;
+                .map_err(|e| {
+                    StoreError::Config(format!("{}: {e}", crate::config::redact_url(nodes)))
+                })?;
             Ok(RedisStore::with_target(
                 nodes,
                 Target::Cluster(client),
@@ -194,7 +208,7 @@ impl RedisStore {
         #[cfg(not(feature = "cluster"))]
         {
             let _ = changelog_maxlen;
-            Err(StoreError(
+            Err(StoreError::Config(
                 "Redis Cluster support is not in this build (cargo feature `cluster`)".into(),
             ))
         }
@@ -215,7 +229,55 @@ impl RedisStore {
             instance_id,
             writes: 0,
             script_sha: ::redis::Script::new(WRITE_SCRIPT).get_hash().to_owned(),
+            wait_replicas: 0,
+            unwritable: false,
         }
+    }
+
+    /// Makes every write wait until `n` replicas acknowledged it (Redis `WAIT n 1000`); a
+    /// write that fewer acknowledge within [`WAIT_TIMEOUT_MS`] fails with
+    /// [`StoreError::Replicas`].
+    pub fn wait_for_replicas(mut self, n: u32) -> RedisStore {
+        self.wait_replicas = n;
+        self
+    }
+
+    /// After a write failed with [`StoreError::NotWritable`]: checks with a harmless write
+    /// command (the approximate trim every write does anyway) whether the node takes writes
+    /// again.
+    fn check_writable(&mut self) -> Result<(), StoreError> {
+        let mut cmd = ::redis::cmd("XTRIM");
+        cmd.arg(LOG_KEY)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.changelog_maxlen);
+        self.link
+            .run(|conn, stats| query::<Value>(conn, stats, Cmd::Xtrim, &cmd).map(|_| ()))?;
+        info!("Redis takes writes again");
+        self.unwritable = false;
+        Ok(())
+    }
+
+    /// The write script's command for `batch`: the one place a write is built.
+    fn write_command(&mut self, batch: &[Change]) -> ::redis::Cmd {
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(&self.script_sha)
+            .arg(3)
+            .arg(TIMES_KEY)
+            .arg(LOG_KEY)
+            .arg(EPOCH_KEY)
+            .arg(self.changelog_maxlen)
+            .arg(format!(
+                "{}-{:x}-{:x}",
+                self.instance_id,
+                crate::timestamp::now_micros(),
+                self.writes
+            ));
+        self.writes += 1;
+        for c in batch {
+            cmd.arg(c.key.as_bytes()).arg(c.time);
+        }
+        cmd
     }
 
     fn snapshot(&mut self) -> Result<Fetched, StoreError> {
@@ -248,6 +310,11 @@ impl Store for RedisStore {
     }
 
     fn fetch(&mut self) -> Result<Fetched, StoreError> {
+        // While the node refuses writes (a failover under way), fetches fail too: readiness
+        // follows fetches, and reads from a demoted primary would say nothing about writes.
+        if self.unwritable {
+            self.check_writable()?;
+        }
         let Some(cursor) = self.cursor.clone() else {
             return self.snapshot();
         };
@@ -278,42 +345,39 @@ impl Store for RedisStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(&self.script_sha)
-            .arg(3)
-            .arg(TIMES_KEY)
-            .arg(LOG_KEY)
-            .arg(EPOCH_KEY)
-            .arg(self.changelog_maxlen)
-            .arg(format!(
-                "{}-{:x}-{:x}",
-                self.instance_id,
-                crate::timestamp::now_micros(),
-                self.writes
-            ));
-        self.writes += 1;
-        for c in batch {
-            cmd.arg(c.key.as_bytes()).arg(c.time);
-        }
-        let reply: Vec<Value> = self.link.run(|conn, stats| {
-            match query::<Vec<Value>>(conn, stats, Cmd::Evalsha, &cmd) {
-                Err(e) if e.kind() == ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
-                    load_script(conn, stats)?;
-                    query(conn, stats, Cmd::Evalsha, &cmd)
+        let cmd = self.write_command(batch);
+        let wait = self.wait_replicas;
+        let result = self
+            .link
+            .run(|conn, stats| write_batch(conn, stats, &cmd, wait));
+        let (reply, acknowledged) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let StoreError::NotWritable(_) = e {
+                    self.unwritable = true;
                 }
-                other => other,
+                return Err(e);
             }
-        })?;
+        };
+        self.unwritable = false;
         if reply.len() != batch.len() {
-            return Err(StoreError(format!(
+            return Err(StoreError::Unexpected(format!(
                 "Redis answered {} items for a batch of {}",
                 reply.len(),
                 batch.len()
             )));
         }
+        if let Some(acknowledged) = acknowledged
+            && acknowledged < i64::from(wait)
+        {
+            return Err(StoreError::Replicas {
+                wanted: wait,
+                acknowledged: u32::try_from(acknowledged).unwrap_or(0),
+            });
+        }
         reply
             .iter()
-            .map(|v| micros(v).ok_or_else(|| StoreError(format!("unexpected time {v:?}"))))
+            .map(|v| micros(v).ok_or_else(|| StoreError::Unexpected(format!("time {v:?}"))))
             .collect()
     }
 
@@ -325,7 +389,7 @@ impl Store for RedisStore {
 /// Refuses `rediss://` when TLS is not compiled in (the configuration refuses it first).
 fn check_tls(url: &str) -> Result<(), StoreError> {
     if cfg!(not(feature = "tls")) && url.contains("rediss://") {
-        return Err(StoreError(
+        return Err(StoreError::Config(
             "TLS to Redis (rediss:// or REDIS_USE_SSL) is not in this build (cargo feature `tls`)"
                 .into(),
         ));
@@ -392,7 +456,8 @@ struct Link {
     failures: u32,
     /// No connection attempt before this time.
     retry_at: Option<Instant>,
-    last_error: String,
+    /// Why the last attempt failed: what callers get while the backoff lasts.
+    last_error: StoreError,
     stats: Stats,
 }
 
@@ -403,23 +468,21 @@ impl Link {
             conn: None,
             failures: 0,
             retry_at: None,
-            last_error: String::new(),
+            last_error: StoreError::Unreachable("not connected yet".into()),
             stats: Stats::default(),
         }
     }
 
-    /// Opens a connection unless one is open or the backoff says wait.
+    /// Opens a connection unless one is open or the backoff says wait. Each new connection
+    /// resolves the host name again, so that a primary that moved is found.
     fn connect(&mut self) -> Result<(), StoreError> {
         if self.conn.is_none() {
             if let Some(left) = self
                 .retry_at
                 .and_then(|at| at.checked_duration_since(Instant::now()))
             {
-                return Err(StoreError(format!(
-                    "Redis unreachable ({}); next attempt in {} ms",
-                    self.last_error,
-                    left.as_millis()
-                )));
+                let note = format!("next attempt in {} ms", left.as_millis());
+                return Err(with_note(&self.last_error, &note));
             }
             count(&mut self.stats, Cmd::Connect);
             let mut conn = match self.target.open() {
@@ -443,23 +506,28 @@ impl Link {
         Ok(())
     }
 
-    /// Records a connection-level failure and schedules the next attempt.
+    /// Records a connection-level failure: drops the connection and schedules the next attempt.
     fn failed(&mut self, e: &RedisError) -> StoreError {
+        let err = StoreError::from(e);
         self.conn = None;
         self.failures = self.failures.saturating_add(1);
-        self.last_error = e.to_string();
         if self.failures == 1 {
-            warn!("Redis connection failed: {e}");
+            warn!("Redis connection failed: {err}");
         } else {
-            debug!("Redis still unreachable ({} failures): {e}", self.failures);
+            debug!(
+                "Redis still failing ({} failures in a row): {err}",
+                self.failures
+            );
         }
         self.retry_at = Some(Instant::now() + backoff(self.failures));
-        StoreError(format!("Redis: {e}"))
+        self.last_error = err.clone();
+        err
     }
 
-    /// Runs `op` on the connection. A connection that went stale while idle (Redis restarted),
-    /// or a cluster connection whose slot map is out of date, gets one immediate retry on a new
-    /// connection; other failures start the backoff.
+    /// Runs `op` on the connection. A connection that went stale while idle (Redis restarted)
+    /// gets one immediate retry on a new connection. An error reply meaning "not this node, not
+    /// now" (see [`StoreError::NotWritable`]) and every other connection-level failure drop
+    /// the connection and start the backoff; other error replies leave the connection as it is.
     fn run<T>(
         &mut self,
         mut op: impl FnMut(&mut Conn, &mut Stats) -> RedisResult<T>,
@@ -469,7 +537,7 @@ impl Link {
             let reused = self.conn.is_some();
             self.connect()?;
             let Some(conn) = self.conn.as_mut() else {
-                return Err(StoreError("no connection".into()));
+                return Err(StoreError::Unreachable("no connection".into()));
             };
             match op(conn, &mut self.stats) {
                 Ok(v) => {
@@ -477,14 +545,22 @@ impl Link {
                     self.retry_at = None;
                     return Ok(v);
                 }
-                // An error reply: the connection is fine and in step.
-                Err(e) if e.code().is_some() && !e.is_io_error() && !e.is_cluster_error() => {
-                    return Err(StoreError(format!("Redis: {e}")));
-                }
                 Err(e) => {
+                    let err = StoreError::from(&e);
+                    if let StoreError::Script(_) = err {
+                        // An error reply: the connection is fine and in step.
+                        return Err(err);
+                    }
                     let err = self.failed(&e);
-                    let stale =
-                        (e.is_connection_dropped() && !e.is_timeout()) || e.is_cluster_error();
+                    // MOVED and ASK name the right node: a new connection (with a fresh slot
+                    // map) can take the command at once.
+                    let stale = (e.is_connection_dropped() && !e.is_timeout())
+                        || matches!(
+                            e.kind(),
+                            ErrorKind::Server(
+                                ::redis::ServerErrorKind::Moved | ::redis::ServerErrorKind::Ask
+                            )
+                        );
                     if reused && !retried && stale {
                         retried = true;
                         self.retry_at = None;
@@ -495,6 +571,101 @@ impl Link {
             }
         }
     }
+}
+
+/// `err` with `note` added to its text.
+fn with_note(err: &StoreError, note: &str) -> StoreError {
+    let add = |s: &String| format!("{s}; {note}");
+    match err {
+        StoreError::Unreachable(s) => StoreError::Unreachable(add(s)),
+        StoreError::Timeout(s) => StoreError::Timeout(add(s)),
+        StoreError::NotWritable(s) => StoreError::NotWritable(add(s)),
+        StoreError::Script(s) => StoreError::Script(add(s)),
+        StoreError::Unexpected(s) => StoreError::Unexpected(add(s)),
+        StoreError::Config(s) => StoreError::Config(add(s)),
+        other => other.clone(),
+    }
+}
+
+impl From<&RedisError> for StoreError {
+    /// Sorts a Redis failure by what the caller should do about it.
+    fn from(e: &RedisError) -> StoreError {
+        use ::redis::ServerErrorKind as S;
+        let text = format!("Redis: {e}");
+        match e.kind() {
+            ErrorKind::Server(
+                S::ReadOnly
+                | S::MasterDown
+                | S::BusyLoading
+                | S::TryAgain
+                | S::ClusterDown
+                | S::Moved
+                | S::Ask,
+            ) => StoreError::NotWritable(text),
+            ErrorKind::Io | ErrorKind::ClusterConnectionNotFound if e.is_timeout() => {
+                StoreError::Timeout(text)
+            }
+            ErrorKind::Io
+            | ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::AuthenticationFailed
+            | ErrorKind::RESP3NotSupported => StoreError::Unreachable(text),
+            ErrorKind::InvalidClientConfig => StoreError::Config(text),
+            ErrorKind::Parse | ErrorKind::UnexpectedReturnType | ErrorKind::Client => {
+                StoreError::Unexpected(text)
+            }
+            _ if e.code().is_some() => StoreError::Script(text),
+            _ => StoreError::Unexpected(text),
+        }
+    }
+}
+
+impl From<RedisError> for StoreError {
+    fn from(e: RedisError) -> StoreError {
+        StoreError::from(&e)
+    }
+}
+
+/// Runs the write script (loading it again if Redis lost it), then, with `wait` above zero,
+/// Redis `WAIT`. Returns the script's reply and how many replicas acknowledged.
+fn write_batch(
+    conn: &mut Conn,
+    stats: &mut Stats,
+    script: &::redis::Cmd,
+    wait: u32,
+) -> RedisResult<(Vec<Value>, Option<i64>)> {
+    let reply = match query::<Vec<Value>>(conn, stats, Cmd::Evalsha, script) {
+        Err(e) if e.kind() == ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
+            load_script(conn, stats)?;
+            query(conn, stats, Cmd::Evalsha, script)?
+        }
+        other => other?,
+    };
+    if wait == 0 {
+        return Ok((reply, None));
+    }
+    let mut cmd = ::redis::cmd("WAIT");
+    cmd.arg(wait).arg(WAIT_TIMEOUT_MS);
+    let acknowledged = match conn {
+        Conn::Node(_) => query::<i64>(conn, stats, Cmd::Wait, &cmd)?,
+        // WAIT names no key: it must go to the node that took the write, on the same
+        // connection, which is the one holding the slot of the keys.
+        #[cfg(feature = "cluster")]
+        Conn::Cluster(c) => {
+            use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+            count(stats, Cmd::Wait);
+            let route = Route::with_key(TIMES_KEY, SlotAddr::Master);
+            c.route_command(
+                &cmd,
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+            )
+            .and_then(|v| match v {
+                Value::Int(n) => Ok(n),
+                _ => Err(unexpected("WAIT reply is not an integer")),
+            })
+            .inspect_err(|_| fail(stats, Cmd::Wait))?
+        }
+    };
+    Ok((reply, Some(acknowledged)))
 }
 
 /// The wait before the next attempt after `failures` failures in a row: [`BACKOFF_FIRST`],
