@@ -591,7 +591,10 @@ impl From<&RedisError> for StoreError {
     /// Sorts a Redis failure by what the caller should do about it.
     fn from(e: &RedisError) -> StoreError {
         use ::redis::ServerErrorKind as S;
-        let text = format!("Redis: {e}");
+        let text = match (e.code(), e.detail()) {
+            (Some(code), Some(detail)) => format!("Redis {code}: {detail}"),
+            _ => format!("Redis: {e}"),
+        };
         match e.kind() {
             ErrorKind::Server(
                 S::ReadOnly
