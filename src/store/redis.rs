@@ -20,6 +20,17 @@
 //! The blocking client lives on the helper thread only. It connects lazily with a connect
 //! timeout, reads and writes with timeouts, and after a failure waits with exponential backoff
 //! (capped at [`BACKOFF_CAP`]) before it tries again, answering errors at once meanwhile.
+//! Failures are sorted into [`StoreError`] variants. An error reply meaning "not this node, not
+//! now" (`READONLY` from a demoted primary, `MASTERDOWN`, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`,
+//! `MOVED`, `ASK`) counts as a connection failure: the connection is dropped and opened again
+//! later, which resolves the host name again. After a write failed that way, each fetch first
+//! checks with a harmless write (`XTRIM`, as every write does) that the node takes writes, and
+//! fails while it does not, so that readiness stays 503 until writes work again.
+//!
+//! With `REDIS_WAIT_REPLICAS=n`, each write is followed by `WAIT n 1000` on the same connection
+//! (in a cluster: to the node holding the slot); fewer acknowledgements fail the write with
+//! [`StoreError::Replicas`]. Writes are built in one place ([`RedisStore::write`] with
+//! `write_batch`), where anything else that must follow a write belongs.
 //!
 //! With the `tls` feature, `rediss://` URLs connect over TLS (rustls; the trusted CAs are the
 //! system's, or those in `SSL_CERT_FILE` / `SSL_CERT_DIR`). With the `cluster` feature the same
