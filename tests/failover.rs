@@ -519,3 +519,99 @@ fn the_readme_repair_of_a_stored_future_time_works() {
         Some(epoch_text(next))
     );
 }
+
+#[test]
+fn in_a_cluster_wait_goes_to_the_node_holding_the_slot() {
+    let _serial = serial();
+    let cluster = Cluster::start();
+    let owner = &cluster.nodes[cluster.owner_of(TIMES_KEY)];
+    let owner_id = owner.cli(&["CLUSTER", "MYID"]).expect("CLUSTER MYID");
+    let bus = free_port().to_string();
+    let replica = Redis::start_on(
+        free_port(),
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-port",
+            &bus,
+            "--cluster-node-timeout",
+            "60000",
+        ],
+    );
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "add-node"])
+        .arg(format!("127.0.0.1:{}", replica.port))
+        .arg(format!("127.0.0.1:{}", owner.port))
+        .args(["--cluster-slave", "--cluster-master-id", owner_id.trim()])
+        .output()
+        .expect("redis-cli");
+    assert!(
+        out.status.success(),
+        "add-node: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_replica_linked(&replica);
+    assert!(cluster.wait_ok(Duration::from_secs(20)));
+    let urls = cluster.urls();
+    let server = Server::start(&[
+        ("USE_CLUSTER_MODE", "true"),
+        ("REDIS_URL", urls.as_str()),
+        ("REDIS_WAIT_REPLICAS", "1"),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
+    ]);
+    wait_ready(&server);
+    post_ok(server.addr, "clustered", BASE, BASE);
+    post_ok(server.addr, "clustered", BASE + 1, BASE + 1);
+    // A cluster replica answers reads only after READONLY on the same connection.
+    let mut cli = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &replica.port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    cli.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("READONLY\nHGET {TIMES_KEY} clustered\n").as_bytes())
+        .unwrap();
+    let out = cli.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&(BASE + 1).to_string()),
+        "the replica does not hold the acknowledged write: {text}"
+    );
+    kill(replica.pid(), "STOP");
+    let asked = Instant::now();
+    let r = post_micros(server.addr, "clustered", BASE + 2);
+    let took = asked.elapsed();
+    kill(replica.pid(), "CONT");
+    println!("cluster, replica stopped: {} after {took:?}", r.status);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("0 of 1 replicas"), "{}", r.text());
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || post_micros(
+            server.addr,
+            "clustered",
+            BASE + 3
+        )
+        .status
+            == 200),
+        "no 200 after the replica resumed"
+    );
+    assert!(
+        metric(
+            &server,
+            "flagsmith_sse_redis_commands_total{command=\"wait\"}"
+        ) >= 4.0
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "flagsmith_sse_redis_errors_total{command=\"wait\"}"
+        ),
+        0.0
+    );
+}
