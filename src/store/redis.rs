@@ -1211,6 +1211,81 @@ mod tests {
     }
 
     #[test]
+    fn failures_are_sorted_by_what_to_do_about_them() {
+        use ::redis::ServerErrorKind as S;
+        use std::io;
+        let server = |k| StoreError::from(RedisError::from((ErrorKind::Server(k), "x")));
+        for k in [
+            S::ReadOnly,
+            S::MasterDown,
+            S::BusyLoading,
+            S::TryAgain,
+            S::ClusterDown,
+            S::Moved,
+            S::Ask,
+        ] {
+            assert!(
+                matches!(server(k), StoreError::NotWritable(_)),
+                "{k:?}: {}",
+                server(k)
+            );
+        }
+        assert!(matches!(server(S::ResponseError), StoreError::Script(_)));
+        assert!(matches!(server(S::NoPerm), StoreError::Script(_)));
+        let io_err = |k| StoreError::from(RedisError::from(io::Error::new(k, "x")));
+        assert!(matches!(
+            io_err(io::ErrorKind::TimedOut),
+            StoreError::Timeout(_)
+        ));
+        assert!(matches!(
+            io_err(io::ErrorKind::WouldBlock),
+            StoreError::Timeout(_)
+        ));
+        assert!(matches!(
+            io_err(io::ErrorKind::ConnectionRefused),
+            StoreError::Unreachable(_)
+        ));
+        assert!(matches!(
+            StoreError::from(unexpected("odd")),
+            StoreError::Unexpected(_)
+        ));
+    }
+
+    #[test]
+    fn a_demoted_primary_fails_writes_and_fetches_until_it_is_promoted() {
+        let a = TestRedis::start();
+        let b = TestRedis::start();
+        let mut s = RedisStore::new(&a.url(), 100).unwrap();
+        s.write(&[change("e", 1)]).unwrap();
+        s.fetch().unwrap();
+        a.cli(&["REPLICAOF", "127.0.0.1", &b.port.to_string()])
+            .unwrap();
+        let e = s.write(&[change("e", 2)]).unwrap_err();
+        assert!(matches!(e, StoreError::NotWritable(_)), "{e}");
+        assert!(e.to_string().contains("READONLY"), "{e}");
+        // Fetches fail while the node refuses writes, whether in the backoff or connected.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let e = s.fetch().unwrap_err();
+            assert!(matches!(e, StoreError::NotWritable(_)), "{e}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stats: HashMap<_, _> = s.stats().into_iter().collect();
+        assert!(stats["xtrim"].failed >= 2, "{:?}", stats["xtrim"]);
+        assert!(stats["connect"].sent >= 3, "{:?}", stats["connect"]);
+        a.cli(&["REPLICAOF", "NO", "ONE"]).unwrap();
+        let deadline = Instant::now() + BACKOFF_CAP + Duration::from_secs(2);
+        loop {
+            match s.fetch() {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "not writable again: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(s.write(&[change("e", 3)]).unwrap(), vec![3]);
+    }
+
+    #[test]
     fn bad_urls_are_refused_at_start() {
         assert!(RedisStore::new("redis://[bad", 10).is_err());
         assert_eq!(
