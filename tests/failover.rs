@@ -615,3 +615,42 @@ fn in_a_cluster_wait_goes_to_the_node_holding_the_slot() {
         0.0
     );
 }
+
+#[test]
+fn readiness_follows_the_time_since_the_last_fetch_not_only_its_errors() {
+    let _serial = serial();
+    let redis = Redis::start();
+    let info = redis.cli(&["INFO", "server"]).unwrap();
+    let pid: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("process_id");
+    let url = redis.url();
+    let server = Server::start(&[
+        ("REDIS_URL", url.as_str()),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
+    ]);
+    wait_ready(&server);
+    // A hung Redis: the helper sits in a read that times out only after 2 s, but three
+    // intervals (0.6 s) without a completed fetch are enough for readiness to say 503.
+    kill(pid, "STOP");
+    let stopped = Instant::now();
+    let went = wait_until(Duration::from_secs(5), || readiness(server.addr) == 503);
+    let after = stopped.elapsed();
+    let r = post_micros(server.addr, "hung", BASE);
+    let post_took = stopped.elapsed() - after;
+    kill(pid, "CONT");
+    println!(
+        "readiness 503 {after:?} after Redis was stopped; queue-change {} in {post_took:?}",
+        r.status
+    );
+    assert!(went, "readiness stayed 200 with Redis stopped");
+    assert!(after < Duration::from_millis(1900), "{after:?}");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(post_took < Duration::from_millis(3500), "{post_took:?}");
+    assert!(wait_until(Duration::from_secs(8), || readiness(
+        server.addr
+    ) == 200));
+    post_ok(server.addr, "hung", BASE + 1, BASE + 1);
+}
