@@ -61,8 +61,9 @@ const MIN_RESERVED_FDS: u64 = 16;
 const ACCEPT_RETRY_MS: u64 = 100;
 /// Keep-alive deadlines are rounded down to multiples of this (ms); see [`ping_due`].
 const PING_TICK_MS: u64 = 100;
-/// Queue-change writes at the store helper at most; beyond it (the helper stopped answering)
-/// new ones are answered 503 at once.
+/// Queue-change writes sent to the store helper and not answered by it, at most (timed-out
+/// ones included); beyond it (the helper stopped answering) new ones are answered 503 at once
+/// instead of queueing up in the channel without bound.
 const MAX_WRITES_AT_STORE: usize = 4 * 4096;
 /// Hard limit after the shutdown grace period before the loop exits anyway (ms).
 const SHUTDOWN_SLACK_MS: u64 = 3_000;
@@ -145,6 +146,8 @@ pub struct Server {
     /// When each write times out (ms), oldest first.
     write_deadlines: VecDeque<(u64, store::WriteId)>,
     next_write_id: store::WriteId,
+    /// Writes sent to the helper that it has not answered (timed out ones included).
+    writes_at_helper: usize,
     shutdown_at: Option<u64>,
     rng: u64,
     metrics: Metrics,
@@ -242,6 +245,7 @@ impl Server {
             writes: HashMap::new(),
             write_deadlines: VecDeque::new(),
             next_write_id: 1,
+            writes_at_helper: 0,
             shutdown_at: None,
             rng: seed | 1,
             metrics: Metrics::default(),

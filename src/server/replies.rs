@@ -34,6 +34,7 @@ impl Server {
                     self.store_ready = false;
                 }
                 Reply::Written(results) => {
+                    self.writes_at_helper = self.writes_at_helper.saturating_sub(results.len());
                     // Answer every publisher first: its 200 need not wait for the fan-out.
                     let mut stored_times = Vec::with_capacity(results.len());
                     for (id, change, result) in results {
@@ -105,9 +106,10 @@ impl Server {
     pub(super) fn flush_writes(&mut self) {
         let now = self.now();
         for (id, change) in std::mem::take(&mut self.pending_writes) {
-            let err = if self.writes.len() > MAX_WRITES_AT_STORE {
+            let err = if self.writes_at_helper >= MAX_WRITES_AT_STORE {
                 StoreError::Stalled
             } else if self.helper.send(Command::Write(id, change)) {
+                self.writes_at_helper += 1;
                 continue;
             } else {
                 StoreError::Stopped
