@@ -654,3 +654,46 @@ fn readiness_follows_the_time_since_the_last_fetch_not_only_its_errors() {
     ) == 200));
     post_ok(server.addr, "hung", BASE + 1, BASE + 1);
 }
+
+#[test]
+fn a_primary_short_of_replicas_for_min_replicas_to_write_is_not_writable_either() {
+    let _serial = serial();
+    let redis = Redis::start();
+    let url = redis.url();
+    let server = Server::start(&[
+        ("REDIS_URL", url.as_str()),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
+    ]);
+    wait_ready(&server);
+    post_ok(server.addr, "norep", BASE, BASE);
+    redis
+        .cli(&["CONFIG", "SET", "min-replicas-to-write", "1"])
+        .unwrap();
+    let r = post_micros(server.addr, "norep", BASE + 1);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("NOREPLICAS"), "{}", r.text());
+    assert!(wait_until(Duration::from_secs(3), || readiness(
+        server.addr
+    ) == 503));
+    redis
+        .cli(&["CONFIG", "SET", "min-replicas-to-write", "0"])
+        .unwrap();
+    let lifted = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || post_micros(
+            server.addr,
+            "norep",
+            BASE + 2
+        )
+        .status
+            == 200),
+        "no 200 once writes were allowed again"
+    );
+    assert!(wait_until(Duration::from_secs(3), || readiness(
+        server.addr
+    ) == 200));
+    println!(
+        "200 and ready again {:?} after the limit was lifted",
+        lifted.elapsed()
+    );
+}

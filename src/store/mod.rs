@@ -61,7 +61,9 @@ pub enum StoreError {
     Timeout(String),
     /// The node cannot take the command now: it is a read-only replica (`READONLY`, what an old
     /// primary looks like after a failover), its primary is down (`MASTERDOWN`), it is loading
-    /// its data (`LOADING`), or the cluster is moving or lacks the slot (`TRYAGAIN`,
+    /// its data (`LOADING`), it runs a long script (`BUSY`), it lacks the replicas that
+    /// `min-replicas-to-write` asks for (`NOREPLICAS`), or the cluster is moving or lacks the
+    /// slot (`TRYAGAIN`,
     /// `CLUSTERDOWN`, `MOVED`, `ASK`). The client sees 503 and readiness is 503; the
     /// connection is dropped and opened again (resolving the host again) with the usual
     /// backoff.

@@ -616,6 +616,11 @@ impl From<&RedisError> for StoreError {
                 | S::Moved
                 | S::Ask,
             ) => StoreError::NotWritable(text),
+            // A script running too long, or a primary short of the replicas that
+            // `min-replicas-to-write` asks for: not now either.
+            ErrorKind::Extension if matches!(e.code(), Some("BUSY" | "NOREPLICAS")) => {
+                StoreError::NotWritable(text)
+            }
             ErrorKind::Io | ErrorKind::ClusterConnectionNotFound if e.is_timeout() => {
                 StoreError::Timeout(text)
             }
@@ -1231,6 +1236,14 @@ mod tests {
             );
         }
         assert!(matches!(server(S::ResponseError), StoreError::Script(_)));
+        let extension =
+            |code: &str| StoreError::from(::redis::make_extension_error(code.to_owned(), None));
+        assert!(matches!(
+            extension("NOREPLICAS"),
+            StoreError::NotWritable(_)
+        ));
+        assert!(matches!(extension("BUSY"), StoreError::NotWritable(_)));
+        assert!(matches!(extension("WHATEVER"), StoreError::Script(_)));
         assert!(matches!(server(S::NoPerm), StoreError::Script(_)));
         let io_err = |k| StoreError::from(RedisError::from(io::Error::new(k, "x")));
         assert!(matches!(
