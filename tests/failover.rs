@@ -71,6 +71,15 @@ fn a_primary_demoted_to_replica_gets_503s_until_promoted_again() {
         .cli(&["INFO", "replication"])
         .is_some_and(|i| i.contains("role:slave"))));
     let demoted = Instant::now();
+    // Readiness says so before any queue-change tries: fetches check that writes work.
+    assert!(
+        wait_until(Duration::from_secs(3), || readiness(server.addr) == 503),
+        "readiness stays 200 while the node refuses writes"
+    );
+    println!(
+        "readiness 503 {:?} after A became a replica",
+        demoted.elapsed()
+    );
     let mut statuses = Vec::new();
     for i in 0..5 {
         let r = post_micros(server.addr, "failover", BASE + 1 + i);
@@ -82,14 +91,6 @@ fn a_primary_demoted_to_replica_gets_503s_until_promoted_again() {
     assert!(
         statuses.iter().all(|t| t.contains("cannot take writes")),
         "{statuses:?}"
-    );
-    assert!(
-        wait_until(Duration::from_secs(3), || readiness(server.addr) == 503),
-        "readiness stays 200 while the node refuses writes"
-    );
-    println!(
-        "readiness 503 {:?} after A became a replica",
-        demoted.elapsed()
     );
     // It stays 503 while the node refuses writes (fetches keep finding it read-only).
     let held = Instant::now();
@@ -135,7 +136,7 @@ fn a_primary_demoted_to_replica_gets_503s_until_promoted_again() {
     assert!(
         metric(
             &server,
-            "flagsmith_sse_redis_errors_total{command=\"evalsha\"}"
+            "flagsmith_sse_redis_errors_total{command=\"xtrim\"}"
         ) >= 1.0
     );
     assert!(

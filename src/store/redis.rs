@@ -23,9 +23,9 @@
 //! Failures are sorted into [`StoreError`] variants. An error reply meaning "not this node, not
 //! now" (`READONLY` from a demoted primary, `MASTERDOWN`, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`,
 //! `MOVED`, `ASK`) counts as a connection failure: the connection is dropped and opened again
-//! later, which resolves the host name again. After a write failed that way, each fetch first
-//! checks with a harmless write (`XTRIM`, as every write does) that the node takes writes, and
-//! fails while it does not, so that readiness stays 503 until writes work again.
+//! later, which resolves the host name again. Each fetch carries a harmless write (the `XTRIM`
+//! every write does anyway) after its reads, so that fetches fail, and readiness is 503, for as
+//! long as the node cannot take writes, although its reads would succeed.
 //!
 //! With `REDIS_WAIT_REPLICAS=n`, each write is followed by `WAIT n 1000` on the same connection
 //! (in a cluster: to the node holding the slot); fewer acknowledgements fail the write with
@@ -169,9 +169,6 @@ pub struct RedisStore {
     script_sha: String,
     /// Replicas that must acknowledge each write (Redis `WAIT`); 0: none.
     wait_replicas: u32,
-    /// The last write found the node unable to take writes: fetches check that it can before
-    /// they count as successful.
-    unwritable: bool,
 }
 
 impl RedisStore {
@@ -241,7 +238,6 @@ impl RedisStore {
             writes: 0,
             script_sha: ::redis::Script::new(WRITE_SCRIPT).get_hash().to_owned(),
             wait_replicas: 0,
-            unwritable: false,
         }
     }
 
@@ -251,22 +247,6 @@ impl RedisStore {
     pub fn wait_for_replicas(mut self, n: u32) -> RedisStore {
         self.wait_replicas = n;
         self
-    }
-
-    /// After a write failed with [`StoreError::NotWritable`]: checks with a harmless write
-    /// command (the approximate trim every write does anyway) whether the node takes writes
-    /// again.
-    fn check_writable(&mut self) -> Result<(), StoreError> {
-        let mut cmd = ::redis::cmd("XTRIM");
-        cmd.arg(LOG_KEY)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.changelog_maxlen);
-        self.link
-            .run(|conn, stats| query::<Value>(conn, stats, Cmd::Xtrim, &cmd).map(|_| ()))?;
-        info!("Redis takes writes again");
-        self.unwritable = false;
-        Ok(())
     }
 
     /// The write script's command for `batch`: the one place a write is built.
@@ -292,7 +272,8 @@ impl RedisStore {
     }
 
     fn snapshot(&mut self) -> Result<Fetched, StoreError> {
-        let (cursor, times) = self.link.run(snapshot)?;
+        let maxlen = self.changelog_maxlen;
+        let (cursor, times) = self.link.run(|conn, stats| snapshot(conn, stats, maxlen))?;
         let changes: Vec<Change> = times
             .into_iter()
             .map(|(key, time)| Change { key, time })
@@ -321,17 +302,12 @@ impl Store for RedisStore {
     }
 
     fn fetch(&mut self) -> Result<Fetched, StoreError> {
-        // While the node refuses writes (a failover under way), fetches fail too: readiness
-        // follows fetches, and reads from a demoted primary would say nothing about writes.
-        if self.unwritable {
-            self.check_writable()?;
-        }
         let Some(cursor) = self.cursor.clone() else {
             return self.snapshot();
         };
         match self
             .link
-            .run(|conn, stats| read_log(conn, stats, &cursor))?
+            .run(|conn, stats| read_log(conn, stats, &cursor, self.changelog_maxlen))?
         {
             Delta::Changes(changes, cursor) => {
                 self.cursor = Some(cursor);
@@ -358,19 +334,9 @@ impl Store for RedisStore {
         }
         let cmd = self.write_command(batch);
         let wait = self.wait_replicas;
-        let result = self
+        let (reply, acknowledged) = self
             .link
-            .run(|conn, stats| write_batch(conn, stats, &cmd, wait));
-        let (reply, acknowledged) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                if let StoreError::NotWritable(_) = e {
-                    self.unwritable = true;
-                }
-                return Err(e);
-            }
-        };
-        self.unwritable = false;
+            .run(|conn, stats| write_batch(conn, stats, &cmd, wait))?;
         if reply.len() != batch.len() {
             return Err(StoreError::Unexpected(format!(
                 "Redis answered {} items for a batch of {}",
@@ -602,10 +568,12 @@ impl From<&RedisError> for StoreError {
     /// Sorts a Redis failure by what the caller should do about it.
     fn from(e: &RedisError) -> StoreError {
         use ::redis::ServerErrorKind as S;
-        let text = match (e.code(), e.detail()) {
-            (Some(code), Some(detail)) => format!("Redis {code}: {detail}"),
-            _ => format!("Redis: {e}"),
-        };
+        // "Redis READONLY: You can't write ...", also for the first failure in a pipeline.
+        let first = e.clone().into_server_errors().and_then(|errs| {
+            errs.first()
+                .map(|(_, se)| format!("Redis {}: {}", se.code(), se.details().unwrap_or("")))
+        });
+        let text = first.unwrap_or_else(|| format!("Redis: {e}"));
         match e.kind() {
             ErrorKind::Server(
                 S::ReadOnly
@@ -783,11 +751,30 @@ fn unexpected(what: &'static str) -> RedisError {
     RedisError::from((ErrorKind::UnexpectedReturnType, what))
 }
 
+/// Adds a harmless write command to a fetch's pipeline, after its reads: the approximate trim
+/// every write does anyway (it trims nothing, so nothing is replicated, unless the log grew
+/// past its length). A read-only replica (a primary demoted by a failover) refuses it with
+/// `READONLY`, so the fetch fails and readiness says 503 for as long as the node cannot take
+/// writes, although its reads would succeed.
+fn writability_check(pipe: &mut ::redis::Pipeline, cmds: &mut Vec<Cmd>, maxlen: u64) {
+    pipe.cmd("XTRIM")
+        .arg(LOG_KEY)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(maxlen);
+    cmds.push(Cmd::Xtrim);
+}
+
 /// Reads the log from the cursor, page by page.
-fn read_log(conn: &mut Conn, stats: &mut Stats, cursor: &Cursor) -> RedisResult<Delta> {
+fn read_log(
+    conn: &mut Conn,
+    stats: &mut Stats,
+    cursor: &Cursor,
+    maxlen: u64,
+) -> RedisResult<Delta> {
     let mut changes = Vec::new();
     let mut last = cursor.last.clone();
-    for _ in 0..MAX_LOG_PAGES {
+    for page in 0..MAX_LOG_PAGES {
         let want = LOG_PAGE + usize::from(last.is_some());
         let mut pipe = ::redis::pipe();
         pipe.cmd("GET").arg(EPOCH_KEY);
@@ -797,7 +784,11 @@ fn read_log(conn: &mut Conn, stats: &mut Stats, cursor: &Cursor) -> RedisResult<
             .arg("+")
             .arg("COUNT")
             .arg(want);
-        let mut replies = query_pipe(conn, stats, &[Cmd::Get, Cmd::Xrange], &pipe)?.into_iter();
+        let mut cmds = vec![Cmd::Get, Cmd::Xrange];
+        if page == 0 {
+            writability_check(&mut pipe, &mut cmds, maxlen);
+        }
+        let mut replies = query_pipe(conn, stats, &cmds, &pipe)?.into_iter();
         let epoch = bytes(&replies.next().unwrap_or(Value::Nil)).map(<[u8]>::to_vec);
         let entries = stream_entries(replies.next().unwrap_or(Value::Nil))?;
         if epoch != cursor.epoch {
@@ -855,6 +846,7 @@ fn read_log(conn: &mut Conn, stats: &mut Stats, cursor: &Cursor) -> RedisResult<
 fn snapshot(
     conn: &mut Conn,
     stats: &mut Stats,
+    maxlen: u64,
 ) -> RedisResult<(Cursor, HashMap<Box<str>, Micros>)> {
     let mut pipe = ::redis::pipe();
     pipe.cmd("GET").arg(EPOCH_KEY);
@@ -864,7 +856,9 @@ fn snapshot(
         .arg("-")
         .arg("COUNT")
         .arg(1);
-    let mut replies = query_pipe(conn, stats, &[Cmd::Get, Cmd::Xrevrange], &pipe)?.into_iter();
+    let mut cmds = vec![Cmd::Get, Cmd::Xrevrange];
+    writability_check(&mut pipe, &mut cmds, maxlen);
+    let mut replies = query_pipe(conn, stats, &cmds, &pipe)?.into_iter();
     let epoch = bytes(&replies.next().unwrap_or(Value::Nil)).map(<[u8]>::to_vec);
     let last = stream_entries(replies.next().unwrap_or(Value::Nil))?
         .into_iter()
