@@ -493,8 +493,30 @@ fn the_readme_repair_of_a_stored_future_time_works() {
         still.next_update(Duration::from_secs(3)),
         Some(epoch_text(year_9999))
     );
+    // (Nor does a new epoch help: the instances load a snapshot, and keep their newer time.)
+    assert!(
+        b.wait_log(
+            "loaded a snapshot of 1 environments",
+            Duration::from_secs(3)
+        ),
+        "{}",
+        b.log()
+    );
+    redis
+        .cli(&["SET", "{flagsmith_sse}:epoch", "operator-repair"])
+        .unwrap();
+    assert!(
+        b.wait_log("epoch changed", Duration::from_secs(3)),
+        "{}",
+        b.log()
+    );
+    let mut after_epoch = Subscriber::connect(b.addr, "frozen");
+    assert_eq!(
+        after_epoch.next_update(Duration::from_secs(3)),
+        Some(epoch_text(year_9999))
+    );
     // ... and restart every instance.
-    drop((a, b, on_b, still));
+    drop((a, b, on_b, still, after_epoch));
     let a = Server::start(&env);
     let b = Server::start(&env);
     wait_ready(&a);
