@@ -21,8 +21,8 @@
 //! timeout, reads and writes with timeouts, and after a failure waits with exponential backoff
 //! (capped at [`BACKOFF_CAP`]) before it tries again, answering errors at once meanwhile.
 //! Failures are sorted into [`StoreError`] variants. An error reply meaning "not this node, not
-//! now" (`READONLY` from a demoted primary, `MASTERDOWN`, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`,
-//! `MOVED`, `ASK`) counts as a connection failure: the connection is dropped and opened again
+//! now" (`READONLY` from a demoted primary, `MASTERDOWN`, `LOADING`, `BUSY`, `NOREPLICAS`,
+//! `TRYAGAIN`, `CLUSTERDOWN`, `MOVED`, `ASK`) counts as a connection failure: the connection is dropped and opened again
 //! later, which resolves the host name again. Each fetch carries a harmless write (the `XTRIM`
 //! every write does anyway) after its reads, so that fetches fail, and readiness is 503, for as
 //! long as the node cannot take writes, although its reads would succeed.
