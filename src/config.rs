@@ -50,6 +50,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "approximate length the Redis change log is trimmed to",
     ),
     (
+        "REDIS_WAIT_REPLICAS",
+        "0",
+        "replicas that must acknowledge a write before its 200 (Redis WAIT, 1 s; else 503)",
+    ),
+    (
         "CACHE_UPDATE_INTERVAL_SECONDS",
         "1",
         "seconds between fetches from the store (fractions allowed)",
@@ -94,6 +99,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "REDIS_NOTIFY",
         "true",
         "publish a wake-up after every write and fetch at once on other instances' wake-ups (Redis Pub/Sub); false: the periodic fetch only",
+    ),
+    (
+        "MAX_FUTURE_SECONDS",
+        "3600",
+        "how far ahead of the server's clock a queue-change time may be (400 beyond); 0: no limit",
     ),
 ];
 
@@ -162,6 +172,10 @@ pub struct Config {
     pub redis_notify: bool,
     /// Log verbosity.
     pub log_level: log::LevelFilter,
+    /// Replicas that must acknowledge a write before its 200 (Redis `WAIT`); 0: none.
+    pub wait_replicas: u32,
+    /// How far ahead of the server's clock a queue-change time may be; `None`: no limit.
+    pub max_future: Option<Duration>,
 }
 
 /// The authentication token; its `Debug` form is redacted so that it never reaches a log.
@@ -328,6 +342,18 @@ impl Config {
                  posted to another process",
             ));
         }
+        let wait_replicas: u32 = v.parse("REDIS_WAIT_REPLICAS", 0, "a whole number")?;
+        if wait_replicas > 0 && store == StoreConfig::Embedded {
+            return Err(bad(
+                "REDIS_WAIT_REPLICAS",
+                "needs Redis (REDIS_URL or REDIS_HOST): the embedded store has no replicas",
+            ));
+        }
+        let max_future: u64 = v.parse(
+            "MAX_FUTURE_SECONDS",
+            3600,
+            "a whole number of seconds (0: no limit)",
+        )?;
         Ok(Config {
             token: Token(token),
             bind: SocketAddr::new(ip, port),
@@ -342,6 +368,8 @@ impl Config {
             reuse_port,
             redis_notify: v.flag_or("REDIS_NOTIFY", true)?,
             log_level,
+            wait_replicas,
+            max_future: (max_future > 0).then(|| Duration::from_secs(max_future.min(1 << 40))),
         })
     }
 }
@@ -529,6 +557,8 @@ mod tests {
         assert_eq!(c.max_connections, None);
         assert!(!c.reuse_port);
         assert!(c.redis_notify);
+        assert_eq!(c.wait_replicas, 0);
+        assert_eq!(c.max_future, Some(Duration::from_secs(3600)));
         assert!(!format!("{c:?}").contains("\"t\""));
     }
 
@@ -572,6 +602,9 @@ mod tests {
             ("REUSE_PORT", "maybe"),
             ("LOG_LEVEL", "loud"),
             ("REDIS_URL", "http://x"),
+            ("REDIS_WAIT_REPLICAS", "-1"),
+            ("REDIS_WAIT_REPLICAS", "1"),
+            ("MAX_FUTURE_SECONDS", "1.5"),
         ] {
             let e = cfg(&[("SSE_AUTHENTICATION_TOKEN", "t"), (var, val)]).unwrap_err();
             assert_eq!(e.var, var, "{e}");
@@ -725,5 +758,14 @@ mod tests {
         assert_eq!(c.cache_update_interval, Duration::from_millis(100));
         assert_eq!(c.stream_delay, Duration::ZERO);
         assert_eq!(c.max_stream_age, None);
+        let c = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_HOST", "h"),
+            ("REDIS_WAIT_REPLICAS", "2"),
+            ("MAX_FUTURE_SECONDS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.wait_replicas, 2);
+        assert_eq!(c.max_future, None);
     }
 }
