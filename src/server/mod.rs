@@ -301,6 +301,11 @@ impl Server {
         })
     }
 
+    /// Client connections allowed: `MAX_CONNECTIONS`, or what the open-file limit allows.
+    pub fn max_connections(&self) -> usize {
+        self.max_conns
+    }
+
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match &self.listener {
@@ -340,6 +345,9 @@ impl Server {
                     SIGNAL => {
                         if self.signals.take() > 1 && self.shutdown_at.is_some() {
                             warn!("second signal: exiting now");
+                            // Nothing is closed or joined: the store helper may be stuck in a
+                            // call, and the process is about to end anyway.
+                            std::mem::forget(self);
                             return Ok(());
                         }
                         self.begin_shutdown();

@@ -185,6 +185,8 @@ impl Helper {
         let (tx, cmd_rx) = mpsc::channel::<Command>();
         let (reply_tx, rx) = mpsc::channel();
         let thread = thread::Builder::new().name("store".into()).spawn(move || {
+            // SIGTERM and SIGINT are the event loop's: they must not interrupt a store call.
+            crate::sys::block_termination_signals();
             while let Ok(first) = cmd_rx.recv() {
                 let mut fetch = false;
                 let mut writes = Vec::new();
