@@ -217,6 +217,13 @@ impl Metrics {
         );
         single(
             &mut s,
+            "flagsmith_sse_log_lines_dropped_total",
+            "counter",
+            "Log lines lost because stderr did not keep up or could not be written.",
+            crate::logging::lines_dropped().to_string(),
+        );
+        single(
+            &mut s,
             "flagsmith_sse_environments_cached",
             "gauge",
             "Environments whose update time is known.",
