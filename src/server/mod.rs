@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod access;
 mod replies;
 mod requests;
 mod streams;
@@ -717,6 +718,12 @@ impl Server {
             return;
         };
         if let State::Stream(_) = c.state {
+            let reason = if self.shutdown_at.is_some() {
+                "shutdown"
+            } else {
+                "ended"
+            };
+            self.log_stream_closed(token, reason);
             self.unsubscribe(token);
         }
         let Some(c) = self.conns.get_mut(token) else {
@@ -787,6 +794,7 @@ impl Server {
 
     fn close(&mut self, token: usize, why: Why) {
         if let Some(State::Stream(_)) = self.conns.get(token).map(|c| &c.state) {
+            self.log_stream_closed(token, access::why_name(why));
             self.unsubscribe(token);
         }
         if let Some(c) = self.conns.remove(token) {

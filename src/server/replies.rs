@@ -44,6 +44,7 @@ impl Server {
                     // Answer every publisher first: its 200 need not wait for the fan-out.
                     let mut stored_times = Vec::with_capacity(results.len());
                     for (id, change, result) in results {
+                        self.log_queue_change(id, Some(&change.key), result.is_ok());
                         let out = match result {
                             Ok(stored) => {
                                 stored_times.push((change.key, stored));
@@ -97,6 +98,7 @@ impl Server {
                 break;
             }
             self.write_deadlines.pop_front();
+            self.log_queue_change(id, None, false);
             self.finish_write(id, Err(StoreError::Stalled), now);
         }
     }
@@ -120,6 +122,7 @@ impl Server {
             } else {
                 StoreError::Stopped
             };
+            self.log_queue_change(id, None, false);
             self.finish_write(id, Err(err), now);
         }
     }

@@ -30,7 +30,11 @@ impl Server {
             let step = http_step(c, &mut self.scratch);
             match step {
                 Step::Wait => return,
-                Step::Again => {}
+                Step::Again => {
+                    if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+                        h.started.get_or_insert(now);
+                    }
+                }
                 Step::Close(why) => return self.close(token, why),
                 Step::Finish => return self.linger(token, Vec::new()),
                 Step::Fail(e) => {
@@ -198,6 +202,8 @@ impl Server {
         };
         if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
             h.respond(&out);
+            let started = h.started.take().unwrap_or(now);
+            self.log_request(token, head, &out, started);
         }
     }
 
