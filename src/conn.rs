@@ -330,6 +330,7 @@ mod tests {
             written: 0,
             stall_mark: None,
             finished: false,
+            opened: 0,
         }
     }
 

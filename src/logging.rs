@@ -591,10 +591,7 @@ mod tests {
         let text = lines(&w.buf);
         assert_eq!(text.len(), 3, "{text:?}");
         assert!(
-            text.iter()
-                .nth(2)
-                .unwrap()
-                .contains("out of file descriptors (repeated 4 times in the last 10 s)"),
+            text[2].contains("out of file descriptors (repeated 4 times in the last 10 s)"),
             "{text:?}"
         );
         // A quiet interval ends without a line, and the next occurrence is written at once.
@@ -605,10 +602,7 @@ mod tests {
         );
         let text = lines(&w.buf);
         assert_eq!(text.len(), 4, "{text:?}");
-        assert!(
-            !text.iter().nth(3).unwrap().contains("repeated"),
-            "{text:?}"
-        );
+        assert!(!text[3].contains("repeated"), "{text:?}");
     }
 
     /// A destination that fails every write.
