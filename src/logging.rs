@@ -205,6 +205,8 @@ struct Writer<W: Write> {
     buf: Vec<u8>,
     /// Lines in `buf`.
     buf_lines: u64,
+    /// Entries taken from the queue since the last write (some only counted as repeats).
+    taken: u64,
     repeats: HashMap<(String, u32), Repeat>,
     /// Dropped count at the last report, and when that was.
     reported_dropped: u64,
@@ -220,6 +222,7 @@ impl<W: Write> Writer<W> {
             out,
             buf: Vec::with_capacity(MAX_BATCH_BYTES),
             buf_lines: 0,
+            taken: 0,
             repeats: HashMap::new(),
             reported_dropped: 0,
             reported_at: Instant::now(),
@@ -254,7 +257,7 @@ impl<W: Write> Writer<W> {
 
     /// Renders one entry into the batch, or counts it as a repeat.
     fn take(&mut self, entry: Entry, now: Instant) {
-        HANDLED.fetch_add(1, Ordering::Release);
+        self.taken += 1;
         if let Some(site) = &entry.site {
             match self.repeats.get_mut(site) {
                 Some(r) if now.duration_since(r.since) < REPEAT_INTERVAL => {
@@ -340,7 +343,10 @@ impl<W: Write> Writer<W> {
 
     /// Writes the batch; lines that cannot be written are dropped and counted.
     fn write_out(&mut self) {
+        // Done with these entries once their bytes are out (or dropped): see `flush`.
+        let taken = std::mem::take(&mut self.taken);
         if self.buf.is_empty() {
+            HANDLED.fetch_add(taken, Ordering::Release);
             return;
         }
         if let Err(e) = self
@@ -351,6 +357,7 @@ impl<W: Write> Writer<W> {
             DROPPED.fetch_add(self.buf_lines, Ordering::Relaxed);
             self.last_error = Some(e);
         }
+        HANDLED.fetch_add(taken, Ordering::Release);
         self.buf.clear();
         self.buf_lines = 0;
         if self.buf.capacity() > 4 * MAX_BATCH_BYTES {
