@@ -441,12 +441,14 @@ fn render(format: Format, e: &Entry, out: &mut Vec<u8>) {
                     other => field_text(&mut s, other),
                 }
             }
-            // One record, one line: a newline inside a message must not forge another line.
-            let s2: String = s
-                .chars()
-                .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
-                .collect();
-            s = s2;
+            // One record, one line: a newline inside a message must not forge another line, nor
+            // a control character reach a terminal.
+            if s.contains(char::is_control) {
+                s = s
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+            }
         }
         Format::Json => {
             s.push_str("{\"time\":\"");

@@ -1,7 +1,8 @@
 //! Counters and gauges for `/metrics`, in Prometheus text format 0.0.4.
 //!
-//! They are plain integers owned by the event loop: no atomics, no locks. The store's command
-//! counters arrive with the helper thread's replies.
+//! They are plain integers owned by the event loop: no locks. The store's command counters
+//! arrive with the helper thread's replies; the dropped log lines are an atomic counter kept by
+//! [`crate::logging`], read when the metrics are rendered.
 
 use crate::store::CommandStats;
 use std::fmt::Write;
