@@ -440,7 +440,7 @@ impl Config {
                 "PORT" => self.bind.port().to_string(),
                 "BIND_ADDRESS" => self.bind.ip().to_string(),
                 "REDIS_URL" => match &self.store {
-                    StoreConfig::Embedded => "unset (embedded in-memory store)".to_owned(),
+                    StoreConfig::Embedded => "unset".to_owned(),
                     StoreConfig::Redis { url, .. } => redact_url(url),
                 },
                 "REDIS_CHANGELOG_MAXLEN" => match &self.store {
