@@ -154,17 +154,22 @@ impl StoreConfig {
     pub fn hosts(&self) -> String {
         match self {
             StoreConfig::Embedded => "embedded".to_owned(),
-            StoreConfig::Redis { url, .. } => redact_url(url)
-                .split(',')
-                .map(|node| {
-                    let rest = node.split_once("://").map_or(node, |(_, r)| r);
-                    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-                    rest.split('/').next().unwrap_or(rest)
-                })
-                .collect::<Vec<_>>()
-                .join(","),
+            StoreConfig::Redis { url, .. } => url_hosts(url),
         }
     }
+}
+
+/// The host(s) and port(s) of a Redis URL (or a comma-separated list), without credentials.
+pub fn url_hosts(url: &str) -> String {
+    redact_url(url)
+        .split(',')
+        .map(|node| {
+            let rest = node.split_once("://").map_or(node, |(_, r)| r);
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            rest.split('/').next().unwrap_or(rest)
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The server's settings.
