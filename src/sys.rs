@@ -284,6 +284,27 @@ impl Drop for SignalFd {
 mod tests {
     use super::*;
 
+    fn disposition(sig: libc::c_int) -> usize {
+        // SAFETY: a null new action only reads the current one into `old`.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            old.sa_sigaction
+        }
+    }
+
+    #[test]
+    fn the_handler_is_gone_before_its_descriptor() {
+        let fd = SignalFd::install().unwrap();
+        assert_eq!(disposition(libc::SIGTERM), on_signal as *const () as usize);
+        assert_eq!(SIGNAL_FD.load(Ordering::SeqCst), fd.as_raw_fd());
+        drop(fd);
+        for sig in TERMINATION {
+            assert_eq!(disposition(sig), libc::SIG_DFL);
+        }
+        assert_eq!(SIGNAL_FD.load(Ordering::SeqCst), -1);
+    }
+
     #[test]
     fn threads_block_termination_signals() {
         let t = std::thread::spawn(|| {
