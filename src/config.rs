@@ -50,6 +50,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "approximate length the Redis change log is trimmed to",
     ),
     (
+        "REDIS_WAIT_REPLICAS",
+        "0",
+        "replicas that must acknowledge a write before its 200 (Redis WAIT, 1 s; else 503)",
+    ),
+    (
         "CACHE_UPDATE_INTERVAL_SECONDS",
         "1",
         "seconds between fetches from the store (fractions allowed)",
@@ -95,6 +100,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "true",
         "publish a wake-up after every write and fetch at once on other instances' wake-ups (Redis Pub/Sub); false: the periodic fetch only",
     ),
+    (
+        "MAX_FUTURE_SECONDS",
+        "3600",
+        "how far ahead of the server's clock a queue-change time may be (400 beyond); 0: no limit",
+    ),
+    (
+        "LOG_FORMAT",
+        "text",
+        "text, or json: one JSON object per line (time, level, module, message, fields)",
+    ),
 ];
 
 /// Where the store lives.
@@ -133,6 +148,30 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// The Redis host(s) and port(s), without credentials, for log lines: `cache:6379`, or
+    /// `a:7000,b:7001` for cluster seeds; `embedded` for the embedded store.
+    pub fn hosts(&self) -> String {
+        match self {
+            StoreConfig::Embedded => "embedded".to_owned(),
+            StoreConfig::Redis { url, .. } => url_hosts(url),
+        }
+    }
+}
+
+/// The host(s) and port(s) of a Redis URL (or a comma-separated list), without credentials.
+pub fn url_hosts(url: &str) -> String {
+    redact_url(url)
+        .split(',')
+        .map(|node| {
+            let rest = node.split_once("://").map_or(node, |(_, r)| r);
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            rest.split('/').next().unwrap_or(rest)
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The server's settings.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -162,6 +201,12 @@ pub struct Config {
     pub redis_notify: bool,
     /// Log verbosity.
     pub log_level: log::LevelFilter,
+    /// Replicas that must acknowledge a write before its 200 (Redis `WAIT`); 0: none.
+    pub wait_replicas: u32,
+    /// How far ahead of the server's clock a queue-change time may be; `None`: no limit.
+    pub max_future: Option<Duration>,
+    /// How log lines look.
+    pub log_format: crate::logging::Format,
 }
 
 /// The authentication token; its `Debug` form is redacted so that it never reaches a log.
@@ -328,6 +373,29 @@ impl Config {
                  posted to another process",
             ));
         }
+        let wait_replicas: u32 = v.parse("REDIS_WAIT_REPLICAS", 0, "a whole number")?;
+        if wait_replicas > 0 && store == StoreConfig::Embedded {
+            return Err(bad(
+                "REDIS_WAIT_REPLICAS",
+                "needs Redis (REDIS_URL or REDIS_HOST): the embedded store has no replicas",
+            ));
+        }
+        let max_future: u64 = v.parse(
+            "MAX_FUTURE_SECONDS",
+            3600,
+            "a whole number of seconds (0: no limit)",
+        )?;
+        let log_format = match v
+            .get("LOG_FORMAT")
+            .map(|l| l.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("text") => crate::logging::Format::Text,
+            Some("json") => crate::logging::Format::Json,
+            Some(f) => {
+                return Err(bad("LOG_FORMAT", format!("{f:?} is not one of text, json")));
+            }
+        };
         Ok(Config {
             token: Token(token),
             bind: SocketAddr::new(ip, port),
@@ -342,7 +410,85 @@ impl Config {
             reuse_port,
             redis_notify: v.flag_or("REDIS_NOTIFY", true)?,
             log_level,
+            wait_replicas,
+            max_future: (max_future > 0).then(|| Duration::from_secs(max_future.min(1 << 40))),
+            log_format,
         })
+    }
+
+    /// The configuration as one line for the start-up log: every variable the server reads,
+    /// by name, with its effective value (secrets redacted). `max_connections` is the limit in
+    /// force, once the server derived it from the open-file limit; `env` reads the variables
+    /// that have no field of their own (the environment, or a map in tests).
+    pub fn summary(
+        &self,
+        max_connections: Option<usize>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> String {
+        let secs = |d: Duration| {
+            let s = d.as_secs_f64();
+            format!("{s}")
+        };
+        let set = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut out = String::new();
+        for (name, default, _) in VARIABLES {
+            let value = match *name {
+                "SSE_AUTHENTICATION_TOKEN" | "REDIS_PASSWORD" => match set(name) {
+                    Some(_) => "<redacted>".to_owned(),
+                    None if *name == "REDIS_PASSWORD" => "none".to_owned(),
+                    None => "unset".to_owned(),
+                },
+                "PORT" => self.bind.port().to_string(),
+                "BIND_ADDRESS" => self.bind.ip().to_string(),
+                "REDIS_URL" => match &self.store {
+                    StoreConfig::Embedded => "unset".to_owned(),
+                    StoreConfig::Redis { url, .. } => redact_url(url),
+                },
+                "REDIS_CHANGELOG_MAXLEN" => match &self.store {
+                    StoreConfig::Redis {
+                        changelog_maxlen, ..
+                    } => changelog_maxlen.to_string(),
+                    StoreConfig::Embedded => default.to_string(),
+                },
+                "USE_CLUSTER_MODE" => {
+                    matches!(self.store, StoreConfig::Redis { cluster: true, .. }).to_string()
+                }
+                "CACHE_UPDATE_INTERVAL_SECONDS" => secs(self.cache_update_interval),
+                "STREAM_DELAY" => secs(self.stream_delay),
+                "MAX_STREAM_AGE" => self.max_stream_age.map_or_else(|| "never".to_owned(), secs),
+                "KEEPALIVE_SECONDS" => secs(self.keepalive),
+                "MAX_CONNECTIONS" => match (max_connections, self.max_connections) {
+                    (Some(n), _) | (None, Some(n)) => n.to_string(),
+                    (None, None) => default.to_string(),
+                },
+                "REQUEST_TIMEOUT_SECONDS" => secs(self.request_timeout),
+                "SHUTDOWN_GRACE_SECONDS" => secs(self.shutdown_grace),
+                "REUSE_PORT" => self.reuse_port.to_string(),
+                "REDIS_NOTIFY" => self.redis_notify.to_string(),
+                "REDIS_WAIT_REPLICAS" => self.wait_replicas.to_string(),
+                "MAX_FUTURE_SECONDS" => self
+                    .max_future
+                    .map_or_else(|| "0".to_owned(), |d| d.as_secs().to_string()),
+                "LOG_LEVEL" => self.log_level.as_str().to_ascii_lowercase(),
+                "LOG_FORMAT" => self.log_format.name().to_owned(),
+                _ => set(name).unwrap_or_else(|| default.to_string()),
+            };
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(name);
+            out.push('=');
+            if value.is_empty() || value.contains([' ', '"', '=']) {
+                out.push_str(&format!("{value:?}"));
+            } else {
+                out.push_str(&value);
+            }
+        }
+        out
     }
 }
 
@@ -497,7 +643,8 @@ pub fn help() -> String {
     s.push_str(
         "\nWith neither REDIS_URL nor REDIS_HOST set, the embedded in-memory store is used\n\
          (one instance, nothing shared).\n\n\
-         --healthcheck probes http://127.0.0.1:$PORT/health/liveness/ and exits 0 or 1.\n",
+         --healthcheck probes http://$BIND_ADDRESS:$PORT/health/liveness/ (127.0.0.1 or ::1\n\
+         for an unspecified address) and exits 0 or 1.\n",
     );
     s
 }
@@ -529,6 +676,8 @@ mod tests {
         assert_eq!(c.max_connections, None);
         assert!(!c.reuse_port);
         assert!(c.redis_notify);
+        assert_eq!(c.wait_replicas, 0);
+        assert_eq!(c.max_future, Some(Duration::from_secs(3600)));
         assert!(!format!("{c:?}").contains("\"t\""));
     }
 
@@ -571,7 +720,11 @@ mod tests {
             ("MAX_CONNECTIONS", "0"),
             ("REUSE_PORT", "maybe"),
             ("LOG_LEVEL", "loud"),
+            ("LOG_FORMAT", "xml"),
             ("REDIS_URL", "http://x"),
+            ("REDIS_WAIT_REPLICAS", "-1"),
+            ("REDIS_WAIT_REPLICAS", "1"),
+            ("MAX_FUTURE_SECONDS", "1.5"),
         ] {
             let e = cfg(&[("SSE_AUTHENTICATION_TOKEN", "t"), (var, val)]).unwrap_err();
             assert_eq!(e.var, var, "{e}");
@@ -604,6 +757,8 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(c.store, StoreConfig::Redis { ref url, .. } if url == "redis://h:1/0"));
+        assert_eq!(c.store.hosts(), "h:1");
+        assert_eq!(StoreConfig::Embedded.hosts(), "embedded");
     }
 
     #[test]
@@ -664,6 +819,7 @@ mod tests {
             panic!("not redis")
         };
         assert_eq!(url, "redis://:pw@a:7000,redis://:pw@b:7001");
+        assert_eq!(c.store.hosts(), "a:7000,b:7001");
         assert!(cluster);
         assert_eq!(
             format!("{:?}", c.store),
@@ -714,6 +870,50 @@ mod tests {
     }
 
     #[test]
+    fn summary_names_every_variable_with_its_effective_value_and_no_secret() {
+        let pairs = [
+            ("SSE_AUTHENTICATION_TOKEN", "top-secret-token"),
+            ("REDIS_HOST", "cache"),
+            ("REDIS_PASSWORD", "hunter2"),
+            ("LOG_FORMAT", "JSON"),
+            ("MAX_STREAM_AGE", "-1"),
+        ];
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let c = Config::from_lookup(|k| map.get(k).cloned()).unwrap();
+        let line = c.summary(Some(19936), |k| map.get(k).cloned());
+        for (name, _, _) in VARIABLES {
+            assert!(line.contains(&format!("{name}=")), "{name} missing: {line}");
+        }
+        for part in [
+            "SSE_AUTHENTICATION_TOKEN=<redacted>",
+            "REDIS_PASSWORD=<redacted>",
+            "REDIS_URL=redis://***@cache:6379/0",
+            "MAX_CONNECTIONS=19936",
+            "MAX_STREAM_AGE=never",
+            "CACHE_UPDATE_INTERVAL_SECONDS=1 ",
+            "LOG_FORMAT=json",
+            "LOG_LEVEL=info",
+        ] {
+            assert!(line.contains(part), "{part} missing: {line}");
+        }
+        assert!(
+            !line.contains("top-secret") && !line.contains("hunter2"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+        let c = cfg(&[("SSE_AUTHENTICATION_TOKEN", "t")]).unwrap();
+        let line = c.summary(None, |_| None);
+        assert!(
+            line.contains("MAX_CONNECTIONS=\"open-file limit - 64\""),
+            "{line}"
+        );
+        assert!(line.contains("REDIS_PASSWORD=none"), "{line}");
+    }
+
+    #[test]
     fn fractions_and_never() {
         let c = cfg(&[
             ("SSE_AUTHENTICATION_TOKEN", "t"),
@@ -725,5 +925,14 @@ mod tests {
         assert_eq!(c.cache_update_interval, Duration::from_millis(100));
         assert_eq!(c.stream_delay, Duration::ZERO);
         assert_eq!(c.max_stream_age, None);
+        let c = cfg(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t"),
+            ("REDIS_HOST", "h"),
+            ("REDIS_WAIT_REPLICAS", "2"),
+            ("MAX_FUTURE_SECONDS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.wait_replicas, 2);
+        assert_eq!(c.max_future, None);
     }
 }

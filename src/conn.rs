@@ -107,6 +107,8 @@ pub struct Http {
     pub served: u32,
     /// `100 Continue` was sent for the current request.
     pub continued: bool,
+    /// When the current request's first bytes were read (ms), for the access log.
+    pub started: Option<u64>,
 }
 
 impl Http {
@@ -121,6 +123,7 @@ impl Http {
             deadline,
             served: 0,
             continued: false,
+            started: None,
         }
     }
 
@@ -207,6 +210,8 @@ pub struct Stream {
     pub stall_mark: Option<(u64, u64)>,
     /// The end of the stream has been written.
     pub finished: bool,
+    /// When the stream opened (ms), for the access log.
+    pub opened: u64,
 }
 
 impl Stream {
@@ -325,6 +330,7 @@ mod tests {
             written: 0,
             stall_mark: None,
             finished: false,
+            opened: 0,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod json;
+pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod slab;

@@ -1,9 +1,10 @@
 //! Counters and gauges for `/metrics`, in Prometheus text format 0.0.4.
 //!
-//! They are plain integers owned by the event loop: no atomics, no locks. The store's command
-//! counters arrive with the helper thread's replies. The build-info series and the standard
-//! `process_*` series (CPU, resident memory, descriptors, start time) are read from the kernel
-//! only when `/metrics` is scraped: a few small `/proc` reads and two system calls.
+//! They are plain integers owned by the event loop: no locks. The store's command counters
+//! arrive with the helper thread's replies; the dropped log lines are an atomic counter kept by
+//! [`crate::logging`], read when the metrics are rendered. The build-info series and the
+//! standard `process_*` series (CPU, resident memory, descriptors, start time) are read from the
+//! kernel only when `/metrics` is scraped: a few small `/proc` reads and two system calls.
 
 use crate::store::CommandStats;
 use std::fmt::Write;
@@ -216,6 +217,13 @@ impl Metrics {
             "counter",
             "Keep-alive comments written to subscribers.",
             self.pings_sent_total.to_string(),
+        );
+        single(
+            &mut s,
+            "flagsmith_sse_log_lines_dropped_total",
+            "counter",
+            "Log lines lost because stderr did not keep up or could not be written.",
+            crate::logging::lines_dropped().to_string(),
         );
         single(
             &mut s,

@@ -1,5 +1,6 @@
 //! The few operating-system calls std and mio do not offer: the open-file limit, socket buffer
-//! sizes and queue depth, SO_REUSEPORT, and signal delivery into the event loop.
+//! sizes and queue depth, SO_REUSEPORT, and signals: delivery of SIGTERM and SIGINT into the
+//! event loop (and only there: every other thread blocks them), and SIGPIPE ignored.
 
 use std::io;
 use std::net::SocketAddr;
@@ -84,8 +85,17 @@ pub fn unacked_bytes(sock: &impl AsRawFd) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// A listening socket, non-blocking, with SO_REUSEADDR and optionally SO_REUSEPORT.
+/// A listening socket, non-blocking, with SO_REUSEADDR and optionally SO_REUSEPORT. An error
+/// names the address: `cannot listen on 0.0.0.0:8000: Address already in use`.
 pub fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    listen_on(addr, reuse_port).map_err(|e| {
+        let text = e.to_string();
+        let text = text.split(" (os error").next().unwrap_or(&text);
+        io::Error::new(e.kind(), format!("cannot listen on {addr}: {text}"))
+    })
+}
+
+fn listen_on(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -151,12 +161,72 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
+/// The signals that end the server.
+const TERMINATION: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset adds valid signal numbers to it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in TERMINATION {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    }
+}
+
+fn set_termination_mask(how: libc::c_int) {
+    let set = termination_set();
+    // SAFETY: set is initialised; the old mask is not asked for.
+    unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and so in the threads it spawns later), so
+/// that they reach the event loop's thread only, rather than interrupting a blocking call on a
+/// helper thread. Called first thing in `main` and by every thread the server starts.
+pub fn block_termination_signals() {
+    set_termination_mask(libc::SIG_BLOCK);
+}
+
+/// Unblocks SIGTERM and SIGINT in the calling thread: the event loop's, once its helpers run.
+pub fn unblock_termination_signals() {
+    set_termination_mask(libc::SIG_UNBLOCK);
+}
+
+/// Whether SIGTERM or SIGINT is blocked in the calling thread.
+pub fn termination_signals_blocked() -> bool {
+    // SAFETY: sigemptyset initialises the set that pthread_sigmask fills in.
+    unsafe {
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut old);
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut old);
+        TERMINATION
+            .iter()
+            .any(|&sig| libc::sigismember(&old, sig) == 1)
+    }
+}
+
+/// Ignores SIGPIPE, so that writing to a closed pipe or socket is an EPIPE error to handle, not
+/// the end of the process. (Rust's runtime does this too; a library user's may not.)
+pub fn ignore_sigpipe() {
+    // SAFETY: SIG_IGN is a valid disposition for SIGPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// How many times SIGTERM or SIGINT arrived since start.
+pub fn signals_received() -> usize {
+    SIGNALS.load(Ordering::SeqCst)
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
     let fd = SIGNAL_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the eventfd outlives the handler's use.
+        // SAFETY: write(2) is async-signal-safe. The eventfd is closed only after the handler
+        // is uninstalled (see `Drop`), and the handler runs on the loop's thread only, the one
+        // that closes it.
         unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
     }
 }
@@ -172,7 +242,7 @@ impl SignalFd {
         // SAFETY: fd is fresh and owned here.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         SIGNAL_FD.store(fd, Ordering::SeqCst);
-        for sig in [libc::SIGTERM, libc::SIGINT] {
+        for sig in TERMINATION {
             // SAFETY: the handler only touches atomics and calls write(2).
             let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
             action.sa_sigaction = on_signal as *const () as usize;
@@ -200,6 +270,49 @@ impl AsRawFd for SignalFd {
 
 impl Drop for SignalFd {
     fn drop(&mut self) {
+        // The handler goes first, then the descriptor it writes to (closed when the field
+        // drops): a signal in between must not write to a closed, or reused, descriptor.
+        for sig in TERMINATION {
+            // SAFETY: SIG_DFL is a valid disposition for these signals.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
         SIGNAL_FD.store(-1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disposition(sig: libc::c_int) -> usize {
+        // SAFETY: a null new action only reads the current one into `old`.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            old.sa_sigaction
+        }
+    }
+
+    #[test]
+    fn the_handler_is_gone_before_its_descriptor() {
+        let fd = SignalFd::install().unwrap();
+        assert_eq!(disposition(libc::SIGTERM), on_signal as *const () as usize);
+        assert_eq!(SIGNAL_FD.load(Ordering::SeqCst), fd.as_raw_fd());
+        drop(fd);
+        for sig in TERMINATION {
+            assert_eq!(disposition(sig), libc::SIG_DFL);
+        }
+        assert_eq!(SIGNAL_FD.load(Ordering::SeqCst), -1);
+    }
+
+    #[test]
+    fn threads_block_termination_signals() {
+        let t = std::thread::spawn(|| {
+            block_termination_signals();
+            let blocked = termination_signals_blocked();
+            unblock_termination_signals();
+            (blocked, termination_signals_blocked())
+        });
+        assert_eq!(t.join().unwrap(), (true, false));
     }
 }

@@ -187,3 +187,46 @@ fn readme_configuration_table_lists_every_variable() {
         );
     }
 }
+
+#[test]
+fn healthcheck_probes_the_bound_address() {
+    for bind in ["::1", "127.0.0.2"] {
+        let server = Server::start(&[("BIND_ADDRESS", bind)]);
+        assert_eq!(server.addr.ip().to_string(), bind);
+        let port = server.addr.port().to_string();
+        let ok = bin()
+            .arg("--healthcheck")
+            .env("PORT", &port)
+            .env("BIND_ADDRESS", bind)
+            .output()
+            .unwrap();
+        assert_eq!(
+            ok.status.code(),
+            Some(0),
+            "{bind}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        // Nothing listens on that port at 127.0.0.1: the probe went to the bound address.
+        let elsewhere = bin()
+            .arg("--healthcheck")
+            .env("PORT", &port)
+            .env("BIND_ADDRESS", "127.0.0.1")
+            .output()
+            .unwrap();
+        assert_eq!(elsewhere.status.code(), Some(1), "{bind}");
+    }
+    // An unspecified IPv6 address is probed at ::1.
+    let server = Server::start(&[("BIND_ADDRESS", "::")]);
+    let ok = bin()
+        .arg("--healthcheck")
+        .env("PORT", server.addr.port().to_string())
+        .env("BIND_ADDRESS", "::")
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

@@ -53,7 +53,8 @@ fn changes_cross_instances_through_the_node_holding_the_slot() {
     wait_ready(&a);
     wait_ready(&b);
     assert!(
-        a.log().contains("redis cluster redis://127.0.0.1:"),
+        a.log().contains("REDIS_URL=redis://127.0.0.1:")
+            && a.log().contains("USE_CLUSTER_MODE=true"),
         "{}",
         a.log()
     );

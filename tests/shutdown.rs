@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BASE: u64 = 1_700_000_000;
@@ -172,4 +173,113 @@ fn a_subscription_completed_during_shutdown_is_refused() {
         .wait_exit(Duration::from_secs(5))
         .expect("the server did not exit");
     assert!(status.success());
+}
+
+/// Reads `/proc/<pid>/task/<tid>/<file>` for every thread of `pid`: (tid, contents).
+fn threads(pid: u32, file: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if let Ok(text) = std::fs::read_to_string(entry.path().join(file)) {
+            out.push((tid, text));
+        }
+    }
+    out
+}
+
+#[test]
+fn only_the_event_loop_thread_takes_sigterm_and_sigint() {
+    let redis = Redis::start();
+    let server = Server::start(&[("REDIS_URL", &redis.url()), ("LOG_LEVEL", "info")]);
+    wait_ready(&server);
+    // SIGINT is signal 2, SIGTERM 15: bits 1 and 14 of the SigBlk mask.
+    const TERM_INT: u64 = (1 << 1) | (1 << 14);
+    let pid = server.pid();
+    let masks: Vec<(u32, u64)> = threads(pid, "status")
+        .into_iter()
+        .map(|(tid, status)| {
+            let blk = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .expect("SigBlk");
+            (tid, blk)
+        })
+        .collect();
+    assert!(
+        masks.len() >= 3,
+        "loop, store helper and log writer: {masks:?}"
+    );
+    for (tid, blk) in &masks {
+        if *tid == pid {
+            assert_eq!(blk & TERM_INT, 0, "the loop thread blocks them: {blk:x}");
+        } else {
+            assert_eq!(blk & TERM_INT, TERM_INT, "thread {tid} takes them: {blk:x}");
+        }
+    }
+}
+
+#[test]
+fn a_second_signal_exits_at_once_while_the_store_helper_is_stuck() {
+    let redis = Redis::start();
+    let mut server = Server::start(&[
+        ("REDIS_URL", &redis.url()),
+        ("SHUTDOWN_GRACE_SECONDS", "30"),
+        ("LOG_LEVEL", "info"),
+    ]);
+    wait_ready(&server);
+    let pid = server.pid();
+    let helper = threads(pid, "comm")
+        .into_iter()
+        .find(|(_, comm)| comm.trim() == "store")
+        .map(|(tid, _)| tid)
+        .expect("the store thread");
+    let stopped = Command::new("kill")
+        .args(["-STOP", &redis.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    // A queue-change in flight: the helper writes it to the stopped Redis and waits there.
+    let body = update_body(BASE + 7);
+    let mut inflight = TcpStream::connect(server.addr).unwrap();
+    inflight
+        .write_all(
+            format!(
+                "POST /sse/environments/k/queue-change HTTP/1.1\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    // The helper is stuck when it sleeps in a socket read rather than on its channel (futex,
+    // syscall 202 on x86_64; 98 on aarch64).
+    let futex = if cfg!(target_arch = "aarch64") {
+        "98"
+    } else {
+        "202"
+    };
+    let stuck = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{helper}/syscall"))
+            .is_ok_and(|s| !s.starts_with(futex) && !s.starts_with("running"))
+    });
+    assert!(stuck, "the store helper never waited on Redis");
+    server.signal("TERM");
+    assert!(server.wait_log("shutting down", Duration::from_secs(5)));
+    let t0 = Instant::now();
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(10));
+    let took = t0.elapsed();
+    let _ = Command::new("kill")
+        .args(["-CONT", &redis.pid().to_string()])
+        .status();
+    println!("second SIGTERM with the store helper stuck: exited with {status:?} after {took:?}");
+    assert!(status.is_some(), "still running after a second signal");
+    // The helper's Redis read times out after 2 s; joining it would take that long.
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(server.log().contains("second signal"), "{}", server.log());
 }

@@ -20,7 +20,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod access;
 mod admin;
 mod replies;
 mod requests;
@@ -66,6 +67,10 @@ const PING_TICK_MS: u64 = 100;
 /// Wait before a wake-up whose fetch failed is tried again (ms): the change it announced is
 /// known to be waiting, and the store's own backoff answers at once meanwhile.
 const WAKEUP_RETRY_MS: u64 = 250;
+/// Queue-change writes sent to the store helper and not answered by it, at most (timed-out
+/// ones included); beyond it (the helper stopped answering) new ones are answered 503 at once
+/// instead of queueing up in the channel without bound.
+const MAX_WRITES_AT_STORE: usize = 4 * 4096;
 /// Hard limit after the shutdown grace period before the loop exits anyway (ms).
 const SHUTDOWN_SLACK_MS: u64 = 3_000;
 
@@ -152,6 +157,13 @@ pub struct Server {
     /// Queue-change writes parsed in this turn, handed to the helper together at its end so
     /// that concurrent requests share one store round trip.
     pending_writes: Vec<(store::WriteId, Change)>,
+    /// Writes at the store not answered yet: id to (token, serial).
+    writes: HashMap<store::WriteId, (usize, u64)>,
+    /// When each write times out (ms), oldest first.
+    write_deadlines: VecDeque<(u64, store::WriteId)>,
+    next_write_id: store::WriteId,
+    /// Writes sent to the helper that it has not answered (timed out ones included).
+    writes_at_helper: usize,
     shutdown_at: Option<u64>,
     rng: u64,
     metrics: Metrics,
@@ -161,10 +173,12 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX / 4)) as u64
 }
 
-/// Opens the store the configuration names; `wake_id`: publish wake-ups carrying it.
+/// Opens the store the configuration names; `wake_id`: publish wake-ups carrying it; with Redis,
+/// each write waits for `wait_replicas`.
 pub fn open_store(
     cfg: &StoreConfig,
     wake_id: Option<String>,
+    wait_replicas: u32,
 ) -> Result<Box<dyn Store>, StoreError> {
     match cfg {
         StoreConfig::Embedded => Ok(Box::new(store::MemoryStore::default())),
@@ -173,14 +187,18 @@ pub fn open_store(
             changelog_maxlen,
             cluster: false,
         } => Ok(Box::new(
-            store::redis::RedisStore::new(url, *changelog_maxlen)?.with_wakeups(wake_id),
+            store::redis::RedisStore::new(url, *changelog_maxlen)?
+                .with_wakeups(wake_id)
+                .wait_for_replicas(wait_replicas),
         )),
         StoreConfig::Redis {
             url,
             changelog_maxlen,
             cluster: true,
         } => Ok(Box::new(
-            store::redis::RedisStore::new_cluster(url, *changelog_maxlen)?.with_wakeups(wake_id),
+            store::redis::RedisStore::new_cluster(url, *changelog_maxlen)?
+                .with_wakeups(wake_id)
+                .wait_for_replicas(wait_replicas),
         )),
     }
 }
@@ -216,8 +234,12 @@ impl Server {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let instance_id = store::notify::instance_id();
         let notify = cfg.redis_notify && cfg.store != StoreConfig::Embedded;
-        let store = open_store(&cfg.store, notify.then(|| instance_id.clone()))
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let store = open_store(
+            &cfg.store,
+            notify.then(|| instance_id.clone()),
+            cfg.wait_replicas,
+        )
+        .map_err(|e| io::Error::other(e.to_string()))?;
         info!("using {}", store.describe());
         let wakeup_flag = Arc::new(AtomicBool::new(false));
         let notify = match &cfg.store {
@@ -271,10 +293,19 @@ impl Server {
             scratch: vec![0; SCRATCH_SIZE],
             revisit: Vec::new(),
             pending_writes: Vec::new(),
+            writes: HashMap::new(),
+            write_deadlines: VecDeque::new(),
+            next_write_id: 1,
+            writes_at_helper: 0,
             shutdown_at: None,
             rng: seed | 1,
             metrics: Metrics::default(),
         })
+    }
+
+    /// Client connections allowed: `MAX_CONNECTIONS`, or what the open-file limit allows.
+    pub fn max_connections(&self) -> usize {
+        self.max_conns
     }
 
     /// The address the listener is bound to.
@@ -316,6 +347,9 @@ impl Server {
                     SIGNAL => {
                         if self.signals.take() > 1 && self.shutdown_at.is_some() {
                             warn!("second signal: exiting now");
+                            // Nothing is closed or joined: the store helper may be stuck in a
+                            // call, and the process is about to end anyway.
+                            std::mem::forget(self);
                             return Ok(());
                         }
                         self.begin_shutdown();
@@ -366,6 +400,7 @@ impl Server {
         }
         let mut next = self.timers.peek().map_or(u64::MAX, |Reverse((at, _))| *at);
         next = next.min(self.next_fetch_at).min(self.wakeup_retry_at);
+        next = next.min(self.next_write_deadline().unwrap_or(u64::MAX));
         if self.listener_ready {
             next = next.min(self.accept_retry_at);
         }
@@ -507,6 +542,7 @@ impl Server {
 
     fn run_timers(&mut self) {
         let now = self.now();
+        self.expire_writes(now);
         self.schedule_fetch(now);
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
             if at > now {
@@ -683,6 +719,12 @@ impl Server {
             return;
         };
         if let State::Stream(_) = c.state {
+            let reason = if self.shutdown_at.is_some() {
+                "shutdown"
+            } else {
+                "ended"
+            };
+            self.log_stream_closed(token, reason);
             self.unsubscribe(token);
         }
         let Some(c) = self.conns.get_mut(token) else {
@@ -753,6 +795,7 @@ impl Server {
 
     fn close(&mut self, token: usize, why: Why) {
         if let Some(State::Stream(_)) = self.conns.get(token).map(|c| &c.state) {
+            self.log_stream_closed(token, access::why_name(why));
             self.unsubscribe(token);
         }
         if let Some(c) = self.conns.remove(token) {

@@ -1,4 +1,6 @@
-//! Work coming back from the store helper: fetched times, acknowledged writes, counters.
+//! Work coming back from the store helper: fetched times, acknowledged writes, counters; and
+//! what the loop does when the helper does not come back: queue-changes answered 503 after
+//! [`STORE_TIMEOUT`], readiness 503 once no fetch has completed for three intervals.
 
 use super::*;
 
@@ -33,30 +35,31 @@ impl Server {
                         self.wakeup_retry_at = now + WAKEUP_RETRY_MS;
                     }
                     if self.store_ready || self.last_fetch_ok == 0 {
-                        warn!("fetch failed: {e}");
+                        warn!("fetch from {} failed: {e}", self.cfg.store.hosts());
                     }
                     self.store_ready = false;
                 }
                 Reply::Written(results) => {
+                    self.writes_at_helper = self.writes_at_helper.saturating_sub(results.len());
                     // Answer every publisher first: its 200 need not wait for the fan-out.
                     let mut stored_times = Vec::with_capacity(results.len());
-                    for ((token, serial), change, result) in results {
+                    for (id, change, result) in results {
+                        self.log_queue_change(id, Some(&change.key), result.is_ok());
                         let out = match result {
                             Ok(stored) => {
-                                self.metrics.queue_change(QueueResult::Ok);
                                 stored_times.push((change.key, stored));
                                 let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
                                 timestamp::write_epoch_seconds(stored, &mut body);
                                 body.push(b'}');
                                 Ok(body)
                             }
-                            Err(e) => {
-                                self.metrics.queue_change(QueueResult::Unavailable);
-                                warn!("queue-change for {} not stored: {e}", change.key);
-                                Err(e)
-                            }
+                            Err(e) => Err(e),
                         };
-                        self.finish_write(token, serial, out, now);
+                        // A write answered 503 already (it took too long) is not answered
+                        // again; its stored time still goes to subscribers below.
+                        if !self.finish_write(id, out, now) {
+                            debug!("a late store reply arrived for a queue-change answered 503");
+                        }
                     }
                     for (key, stored) in stored_times {
                         self.apply_time(&key, stored, now);
@@ -67,34 +70,92 @@ impl Server {
         }
     }
 
-    /// Hands this turn's queue-change writes to the helper, which takes them as one batch.
-    pub(super) fn flush_writes(&mut self) {
-        for (id, change) in std::mem::take(&mut self.pending_writes) {
-            if !self.helper.send(Command::Write(id, change)) {
-                self.metrics.queue_change(QueueResult::Unavailable);
-                let now = self.now();
-                let stopped = StoreError("the store helper stopped".into());
-                self.finish_write(id.0, id.1, Err(stopped), now);
+    /// Whether readiness is 200: the last fetch succeeded and one completed within the last
+    /// three intervals (a helper stuck inside a call answers nothing, so time decides).
+    pub(super) fn ready(&self, now: u64) -> bool {
+        self.store_ready && !self.fetch_stale(now)
+    }
+
+    /// No fetch has completed for three intervals.
+    pub(super) fn fetch_stale(&self, now: u64) -> bool {
+        now.saturating_sub(self.last_fetch_ok) > 3 * ms(self.cfg.cache_update_interval).max(1)
+    }
+
+    /// Registers a queue-change write for connection `token`: its id, and its deadline.
+    pub(super) fn track_write(&mut self, token: usize, serial: u64, now: u64) -> store::WriteId {
+        let id = self.next_write_id;
+        self.next_write_id += 1;
+        self.writes.insert(id, (token, serial));
+        self.write_deadlines
+            .push_back((now + ms(store::STORE_TIMEOUT), id));
+        id
+    }
+
+    /// Answers 503 to queue-changes whose writes are past [`STORE_TIMEOUT`].
+    pub(super) fn expire_writes(&mut self, now: u64) {
+        while let Some(&(at, id)) = self.write_deadlines.front() {
+            if at > now {
+                break;
             }
+            self.write_deadlines.pop_front();
+            self.log_queue_change(id, None, false);
+            self.finish_write(id, Err(StoreError::Stalled), now);
         }
     }
 
-    /// Answers a queue-change whose write the store finished (if the client is still there).
+    /// When the next write times out (ms), if any is waiting.
+    pub(super) fn next_write_deadline(&self) -> Option<u64> {
+        self.write_deadlines.front().map(|&(at, _)| at)
+    }
+
+    /// Hands this turn's queue-change writes to the helper, which takes them as one batch.
+    /// While too many writes are at the helper already (it stopped answering), new ones are
+    /// answered 503 at once rather than queued without bound.
+    pub(super) fn flush_writes(&mut self) {
+        let now = self.now();
+        for (id, change) in std::mem::take(&mut self.pending_writes) {
+            let err = if self.writes_at_helper >= MAX_WRITES_AT_STORE {
+                StoreError::Stalled
+            } else if self.helper.send(Command::Write(id, change)) {
+                self.writes_at_helper += 1;
+                continue;
+            } else {
+                StoreError::Stopped
+            };
+            self.log_queue_change(id, None, false);
+            self.finish_write(id, Err(err), now);
+        }
+    }
+
+    /// Answers the queue-change that write `id` belongs to, if it is still waiting: counts the
+    /// result and writes the response (if the client is still there). False when the write
+    /// was answered already.
     pub(super) fn finish_write(
         &mut self,
-        token: usize,
-        serial: u64,
+        id: store::WriteId,
         out: Result<Vec<u8>, StoreError>,
         now: u64,
-    ) {
+    ) -> bool {
+        let Some((token, serial)) = self.writes.remove(&id) else {
+            return false;
+        };
+        match &out {
+            Ok(_) => self.metrics.queue_change(QueueResult::Ok),
+            Err(e) => {
+                self.metrics.queue_change(QueueResult::Unavailable);
+                warn!("queue-change not stored in {}: {e}", self.cfg.store.hosts());
+            }
+        }
         let keep_alive = self.shutdown_at.is_none();
         let Some(c) = self.conns.get_mut(token) else {
-            return;
+            return true;
         };
         if c.serial != serial {
-            return;
+            return true;
         }
-        let State::Http(h) = &mut c.state else { return };
+        let State::Http(h) = &mut c.state else {
+            return true;
+        };
         h.awaiting_store = false;
         let keep_alive = keep_alive && !h.close_after;
         let resp = match out {
@@ -112,5 +173,6 @@ impl Server {
         let deadline = h.deadline;
         self.schedule(token, deadline);
         self.drive_http(token, now);
+        true
     }
 }

@@ -30,7 +30,11 @@ impl Server {
             let step = http_step(c, &mut self.scratch);
             match step {
                 Step::Wait => return,
-                Step::Again => {}
+                Step::Again => {
+                    if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+                        h.started.get_or_insert(now);
+                    }
+                }
                 Step::Close(why) => return self.close(token, why),
                 Step::Finish => return self.linger(token, Vec::new()),
                 Step::Fail(e) => {
@@ -121,7 +125,7 @@ impl Server {
             ),
             (Route::Liveness, _) => json(200, "", b"{\"status\": \"ok\"}"),
             (Route::Readiness, _) => {
-                if self.store_ready {
+                if self.ready(now) {
                     json(200, "", b"{\"status\": \"ok\"}")
                 } else {
                     json(
@@ -154,15 +158,13 @@ impl Server {
                 }
             }
             (Route::Stream(key), _) => {
-                let stale = now.saturating_sub(self.last_fetch_ok)
-                    > 3 * ms(self.cfg.cache_update_interval).max(1);
                 if self.shutdown_at.is_some() {
                     json(
                         503,
                         "Retry-After: 1\r\n",
                         &http::detail_json("shutting down"),
                     )
-                } else if stale && !self.store_ready {
+                } else if self.fetch_stale(now) {
                     self.metrics.reject(Rejection::StoreUnavailable);
                     json(
                         503,
@@ -183,6 +185,12 @@ impl Server {
                             self.metrics.queue_change(QueueResult::BadRequest);
                             json(400, "", &http::detail_json(&e.to_string()))
                         }
+                        Ok(time) if self.too_far_ahead(time) => {
+                            self.metrics.queue_change(QueueResult::BadRequest);
+                            let secs = self.cfg.max_future.map_or(0, |d| d.as_secs());
+                            let detail = format!("updated_at is more than {secs} s in the future");
+                            json(400, "", &http::detail_json(&detail))
+                        }
                         Ok(time) => {
                             let Some(c) = self.conns.get_mut(token) else {
                                 return;
@@ -194,7 +202,9 @@ impl Server {
                             if let State::Http(h) = &mut c.state {
                                 h.awaiting_store = true;
                             }
-                            self.pending_writes.push(((token, c.serial), change));
+                            let serial = c.serial;
+                            let id = self.track_write(token, serial, now);
+                            self.pending_writes.push((id, change));
                             return;
                         }
                     }
@@ -203,7 +213,18 @@ impl Server {
         };
         if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
             h.respond(&out);
+            let started = h.started.take().unwrap_or(now);
+            self.log_request(token, head, &out, started);
         }
+    }
+
+    /// Whether a queue-change time is further ahead of this server's clock than
+    /// `MAX_FUTURE_SECONDS` allows.
+    fn too_far_ahead(&self, time: Micros) -> bool {
+        self.cfg.max_future.is_some_and(|max| {
+            let limit = i64::try_from(max.as_micros()).unwrap_or(i64::MAX);
+            time > timestamp::now_micros().saturating_add(limit)
+        })
     }
 
     pub(super) fn gauges(&self, now: u64) -> Gauges {
@@ -212,7 +233,7 @@ impl Server {
             connections_open: self.conns.len(),
             environments_cached: self.env_ids.len(),
             last_fetch_age_seconds: now.saturating_sub(self.last_fetch_ok) as f64 / 1000.0,
-            store_ready: self.store_ready,
+            store_ready: self.ready(now),
         }
     }
 }

@@ -101,6 +101,7 @@ impl Server {
             written: 0,
             stall_mark: None,
             finished: false,
+            opened: now,
         };
         if let Some(t) = env.time {
             let ev = env.event.get_or_insert_with(|| Event::new(t));
@@ -112,6 +113,7 @@ impl Server {
             self.metrics.events_sent_total += 1;
         }
         c.state = State::Stream(s);
+        self.log_stream_open(token);
         self.streams += 1;
         self.metrics.subscribers_total += 1;
         self.flush_stream(token, now);

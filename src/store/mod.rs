@@ -17,6 +17,7 @@ use crate::timestamp::Micros;
 use std::fmt;
 use std::sync::mpsc;
 use std::thread;
+use std::time::Duration;
 
 /// Most commands the helper takes from the channel into one batch.
 const MAX_BATCH: usize = 4096;
@@ -48,13 +49,78 @@ pub struct CommandStats {
     pub failed: u64,
 }
 
-/// Why the store could not do what was asked. The client sees a 503 with `Retry-After`.
+/// Why the store could not do what was asked. Every variant but [`StoreError::Config`] reaches
+/// a queue-change as 503 with `Retry-After` (the caller retries; the write is idempotent), with
+/// the `Display` text as its `detail`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The store cannot be reached: connection refused or reset, name not resolved, TLS or
+    /// authentication failed, or the connection is in its backoff after such a failure. The
+    /// client sees 503; readiness follows once fetches fail.
+    Unreachable(String),
+    /// The store did not answer a command within its read or write timeout. The client sees
+    /// 503; the connection is replaced.
+    Timeout(String),
+    /// The node cannot take the command now: it is a read-only replica (`READONLY`, what an old
+    /// primary looks like after a failover), its primary is down (`MASTERDOWN`), it is loading
+    /// its data (`LOADING`), it runs a long script (`BUSY`), it lacks the replicas that
+    /// `min-replicas-to-write` asks for (`NOREPLICAS`), or the cluster is moving or lacks the
+    /// slot (`TRYAGAIN`,
+    /// `CLUSTERDOWN`, `MOVED`, `ASK`). The client sees 503 and readiness is 503; the
+    /// connection is dropped and opened again (resolving the host again) with the usual
+    /// backoff.
+    NotWritable(String),
+    /// The write was applied, but fewer replicas than `REDIS_WAIT_REPLICAS` acknowledged it
+    /// within a second (Redis `WAIT`). The client sees 503 and retries; the retry is harmless.
+    Replicas {
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that acknowledged.
+        acknowledged: u32,
+    },
+    /// The store answered with an error of its own (the write script failed, a command was
+    /// refused by an ACL, ...). The client sees 503; the connection is kept.
+    Script(String),
+    /// The store answered something this server does not understand. The client sees 503;
+    /// the connection is replaced.
+    Unexpected(String),
+    /// The store is misconfigured (bad URL, a feature missing from this build). Only at
+    /// start-up: the server does not start.
+    Config(String),
+    /// The store helper did not answer within [`STORE_TIMEOUT`]: the client sees 503 at once;
+    /// the late answer still reaches subscribers.
+    Stalled,
+    /// The store helper thread is gone. The client sees 503.
+    Stopped,
+}
+
+/// Longest a queue-change waits for its write before it is answered 503 (the write may still
+/// complete later; its time then reaches subscribers as usual).
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "store unavailable: {}", self.0)
+        match self {
+            StoreError::Unreachable(e) => write!(f, "store unreachable: {e}"),
+            StoreError::Timeout(e) => write!(f, "store timed out: {e}"),
+            StoreError::NotWritable(e) => write!(f, "store cannot take writes now: {e}"),
+            StoreError::Replicas {
+                wanted,
+                acknowledged,
+            } => write!(
+                f,
+                "store replication: {acknowledged} of {wanted} replicas acknowledged the write"
+            ),
+            StoreError::Script(e) => write!(f, "store error: {e}"),
+            StoreError::Unexpected(e) => write!(f, "unexpected store reply: {e}"),
+            StoreError::Config(e) => write!(f, "store configuration: {e}"),
+            StoreError::Stalled => write!(
+                f,
+                "store did not answer within {} s",
+                STORE_TIMEOUT.as_secs()
+            ),
+            StoreError::Stopped => write!(f, "store unavailable: the store helper stopped"),
+        }
     }
 }
 
@@ -79,8 +145,8 @@ pub trait Store: Send + 'static {
     }
 }
 
-/// Identifies the request a write belongs to: connection token and connection serial.
-pub type WriteId = (usize, u64);
+/// Identifies a write: a number the event loop gives each queue-change it sends, never reused.
+pub type WriteId = u64;
 
 /// From the event loop to the helper.
 #[derive(Debug)]
@@ -119,6 +185,8 @@ impl Helper {
         let (tx, cmd_rx) = mpsc::channel::<Command>();
         let (reply_tx, rx) = mpsc::channel();
         let thread = thread::Builder::new().name("store".into()).spawn(move || {
+            // SIGTERM and SIGINT are the event loop's: they must not interrupt a store call.
+            crate::sys::block_termination_signals();
             while let Ok(first) = cmd_rx.recv() {
                 let mut fetch = false;
                 let mut writes = Vec::new();
@@ -142,8 +210,8 @@ impl Helper {
                             times.into_iter().map(Ok).collect()
                         }
                         Ok(_) => vec![
-                            Err(StoreError(
-                                "store answered a batch with the wrong length".into()
+                            Err(StoreError::Unexpected(
+                                "an answer of the wrong length for a batch".into()
                             ));
                             batch.len()
                         ],

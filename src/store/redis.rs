@@ -21,6 +21,17 @@
 //! The blocking client lives on the helper thread only. It connects lazily with a connect
 //! timeout, reads and writes with timeouts, and after a failure waits with exponential backoff
 //! (capped at [`BACKOFF_CAP`]) before it tries again, answering errors at once meanwhile.
+//! Failures are sorted into [`StoreError`] variants. An error reply meaning "not this node, not
+//! now" (`READONLY` from a demoted primary, `MASTERDOWN`, `LOADING`, `BUSY`, `NOREPLICAS`,
+//! `TRYAGAIN`, `CLUSTERDOWN`, `MOVED`, `ASK`) counts as a connection failure: the connection is dropped and opened again
+//! later, which resolves the host name again. Each fetch carries a harmless write (the `XTRIM`
+//! every write does anyway) after its reads, so that fetches fail, and readiness is 503, for as
+//! long as the node cannot take writes, although its reads would succeed.
+//!
+//! With `REDIS_WAIT_REPLICAS=n`, each write is followed by `WAIT n 1000` on the same connection
+//! (in a cluster: to the node holding the slot); fewer acknowledgements fail the write with
+//! [`StoreError::Replicas`]. Writes are built in one place ([`RedisStore::write`] with
+//! `write_batch`), where anything else that must follow a write belongs.
 //!
 //! With the `tls` feature, `rediss://` URLs connect over TLS (rustls; the trusted CAs are the
 //! system's, or those in `SSL_CERT_FILE` / `SSL_CERT_DIR`). With the `cluster` feature the same
@@ -51,6 +62,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// Longest wait between connection attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// How long Redis `WAIT` waits for replicas (ms).
+pub const WAIT_TIMEOUT_MS: u64 = 1000;
 
 /// Log entries read per round trip.
 const LOG_PAGE: usize = 1000;
@@ -108,9 +122,11 @@ enum Cmd {
     Xrange,
     Xrevrange,
     Hscan,
+    Wait,
+    Xtrim,
 }
 
-const CMD_NAMES: [&str; 7] = [
+const CMD_NAMES: [&str; 9] = [
     "connect",
     "script_load",
     "evalsha",
@@ -118,6 +134,8 @@ const CMD_NAMES: [&str; 7] = [
     "xrange",
     "xrevrange",
     "hscan",
+    "wait",
+    "xtrim",
 ];
 
 type Stats = [CommandStats; CMD_NAMES.len()];
@@ -158,6 +176,8 @@ pub struct RedisStore {
     script_sha: String,
     /// What writes publish as a wake-up; empty: none.
     wake_payload: String,
+    /// Replicas that must acknowledge each write (Redis `WAIT`); 0: none.
+    wait_replicas: u32,
 }
 
 impl RedisStore {
@@ -165,7 +185,7 @@ impl RedisStore {
     pub fn new(url: &str, changelog_maxlen: u64) -> Result<RedisStore, StoreError> {
         check_tls(url)?;
         let client = Client::open(url)
-            .map_err(|e| StoreError(format!("{}: {e}", crate::config::redact_url(url))))?;
+            .map_err(|e| StoreError::Config(format!("{}: {e}", crate::config::redact_url(url))))?;
         Ok(RedisStore::with_target(
             url,
             Target::Node(client),
@@ -193,7 +213,9 @@ impl RedisStore {
                 .response_timeout(IO_TIMEOUT)
                 .retries(0)
                 .build()
-                .map_err(|e| StoreError(format!("{}: {e}", crate::config::redact_url(nodes))))?;
+                .map_err(|e| {
+                    StoreError::Config(format!("{}: {e}", crate::config::redact_url(nodes)))
+                })?;
             Ok(RedisStore::with_target(
                 nodes,
                 Target::Cluster(client),
@@ -203,7 +225,7 @@ impl RedisStore {
         #[cfg(not(feature = "cluster"))]
         {
             let _ = changelog_maxlen;
-            Err(StoreError(
+            Err(StoreError::Config(
                 "Redis Cluster support is not in this build (cargo feature `cluster`)".into(),
             ))
         }
@@ -232,11 +254,44 @@ impl RedisStore {
             writes: 0,
             script_sha: ::redis::Script::new(WRITE_SCRIPT).get_hash().to_owned(),
             wake_payload: String::new(),
+            wait_replicas: 0,
         }
     }
 
+    /// Makes every write wait until `n` replicas acknowledged it (Redis `WAIT n 1000`); a
+    /// write that fewer acknowledge within [`WAIT_TIMEOUT_MS`] fails with
+    /// [`StoreError::Replicas`].
+    pub fn wait_for_replicas(mut self, n: u32) -> RedisStore {
+        self.wait_replicas = n;
+        self
+    }
+
+    /// The write script's command for `batch`: the one place a write is built.
+    fn write_command(&mut self, batch: &[Change]) -> ::redis::Cmd {
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(&self.script_sha)
+            .arg(3)
+            .arg(TIMES_KEY)
+            .arg(LOG_KEY)
+            .arg(EPOCH_KEY)
+            .arg(self.changelog_maxlen)
+            .arg(format!(
+                "{}-{:x}-{:x}",
+                self.instance_id,
+                crate::timestamp::now_micros(),
+                self.writes
+            ))
+            .arg(&self.wake_payload);
+        self.writes += 1;
+        for c in batch {
+            cmd.arg(c.key.as_bytes()).arg(c.time);
+        }
+        cmd
+    }
+
     fn snapshot(&mut self) -> Result<Fetched, StoreError> {
-        let (cursor, times) = self.link.run(snapshot)?;
+        let maxlen = self.changelog_maxlen;
+        let (cursor, times) = self.link.run(|conn, stats| snapshot(conn, stats, maxlen))?;
         let changes: Vec<Change> = times
             .into_iter()
             .map(|(key, time)| Change { key, time })
@@ -270,7 +325,7 @@ impl Store for RedisStore {
         };
         match self
             .link
-            .run(|conn, stats| read_log(conn, stats, &cursor))?
+            .run(|conn, stats| read_log(conn, stats, &cursor, self.changelog_maxlen))?
         {
             Delta::Changes(changes, cursor) => {
                 self.cursor = Some(cursor);
@@ -295,43 +350,29 @@ impl Store for RedisStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(&self.script_sha)
-            .arg(3)
-            .arg(TIMES_KEY)
-            .arg(LOG_KEY)
-            .arg(EPOCH_KEY)
-            .arg(self.changelog_maxlen)
-            .arg(format!(
-                "{}-{:x}-{:x}",
-                self.instance_id,
-                crate::timestamp::now_micros(),
-                self.writes
-            ))
-            .arg(&self.wake_payload);
-        self.writes += 1;
-        for c in batch {
-            cmd.arg(c.key.as_bytes()).arg(c.time);
-        }
-        let reply: Vec<Value> = self.link.run(|conn, stats| {
-            match query::<Vec<Value>>(conn, stats, Cmd::Evalsha, &cmd) {
-                Err(e) if e.kind() == ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
-                    load_script(conn, stats)?;
-                    query(conn, stats, Cmd::Evalsha, &cmd)
-                }
-                other => other,
-            }
-        })?;
+        let cmd = self.write_command(batch);
+        let wait = self.wait_replicas;
+        let (reply, acknowledged) = self
+            .link
+            .run(|conn, stats| write_batch(conn, stats, &cmd, wait))?;
         if reply.len() != batch.len() {
-            return Err(StoreError(format!(
+            return Err(StoreError::Unexpected(format!(
                 "Redis answered {} items for a batch of {}",
                 reply.len(),
                 batch.len()
             )));
         }
+        if let Some(acknowledged) = acknowledged
+            && acknowledged < i64::from(wait)
+        {
+            return Err(StoreError::Replicas {
+                wanted: wait,
+                acknowledged: u32::try_from(acknowledged).unwrap_or(0),
+            });
+        }
         reply
             .iter()
-            .map(|v| micros(v).ok_or_else(|| StoreError(format!("unexpected time {v:?}"))))
+            .map(|v| micros(v).ok_or_else(|| StoreError::Unexpected(format!("time {v:?}"))))
             .collect()
     }
 
@@ -343,7 +384,7 @@ impl Store for RedisStore {
 /// Refuses `rediss://` when TLS is not compiled in (the configuration refuses it first).
 fn check_tls(url: &str) -> Result<(), StoreError> {
     if cfg!(not(feature = "tls")) && url.contains("rediss://") {
-        return Err(StoreError(
+        return Err(StoreError::Config(
             "TLS to Redis (rediss:// or REDIS_USE_SSL) is not in this build (cargo feature `tls`)"
                 .into(),
         ));
@@ -410,7 +451,8 @@ struct Link {
     failures: u32,
     /// No connection attempt before this time.
     retry_at: Option<Instant>,
-    last_error: String,
+    /// Why the last attempt failed: what callers get while the backoff lasts.
+    last_error: StoreError,
     stats: Stats,
 }
 
@@ -421,23 +463,21 @@ impl Link {
             conn: None,
             failures: 0,
             retry_at: None,
-            last_error: String::new(),
+            last_error: StoreError::Unreachable("not connected yet".into()),
             stats: Stats::default(),
         }
     }
 
-    /// Opens a connection unless one is open or the backoff says wait.
+    /// Opens a connection unless one is open or the backoff says wait. Each new connection
+    /// resolves the host name again, so that a primary that moved is found.
     fn connect(&mut self) -> Result<(), StoreError> {
         if self.conn.is_none() {
             if let Some(left) = self
                 .retry_at
                 .and_then(|at| at.checked_duration_since(Instant::now()))
             {
-                return Err(StoreError(format!(
-                    "Redis unreachable ({}); next attempt in {} ms",
-                    self.last_error,
-                    left.as_millis()
-                )));
+                let note = format!("next attempt in {} ms", left.as_millis());
+                return Err(with_note(&self.last_error, &note));
             }
             count(&mut self.stats, Cmd::Connect);
             let mut conn = match self.target.open() {
@@ -461,23 +501,28 @@ impl Link {
         Ok(())
     }
 
-    /// Records a connection-level failure and schedules the next attempt.
+    /// Records a connection-level failure: drops the connection and schedules the next attempt.
     fn failed(&mut self, e: &RedisError) -> StoreError {
+        let err = StoreError::from(e);
         self.conn = None;
         self.failures = self.failures.saturating_add(1);
-        self.last_error = e.to_string();
         if self.failures == 1 {
-            warn!("Redis connection failed: {e}");
+            warn!("Redis connection failed: {err}");
         } else {
-            debug!("Redis still unreachable ({} failures): {e}", self.failures);
+            debug!(
+                "Redis still failing ({} failures in a row): {err}",
+                self.failures
+            );
         }
         self.retry_at = Some(Instant::now() + backoff(self.failures));
-        StoreError(format!("Redis: {e}"))
+        self.last_error = err.clone();
+        err
     }
 
-    /// Runs `op` on the connection. A connection that went stale while idle (Redis restarted),
-    /// or a cluster connection whose slot map is out of date, gets one immediate retry on a new
-    /// connection; other failures start the backoff.
+    /// Runs `op` on the connection. A connection that went stale while idle (Redis restarted)
+    /// gets one immediate retry on a new connection. An error reply meaning "not this node, not
+    /// now" (see [`StoreError::NotWritable`]) and every other connection-level failure drop
+    /// the connection and start the backoff; other error replies leave the connection as it is.
     fn run<T>(
         &mut self,
         mut op: impl FnMut(&mut Conn, &mut Stats) -> RedisResult<T>,
@@ -487,7 +532,7 @@ impl Link {
             let reused = self.conn.is_some();
             self.connect()?;
             let Some(conn) = self.conn.as_mut() else {
-                return Err(StoreError("no connection".into()));
+                return Err(StoreError::Unreachable("no connection".into()));
             };
             match op(conn, &mut self.stats) {
                 Ok(v) => {
@@ -495,14 +540,22 @@ impl Link {
                     self.retry_at = None;
                     return Ok(v);
                 }
-                // An error reply: the connection is fine and in step.
-                Err(e) if e.code().is_some() && !e.is_io_error() && !e.is_cluster_error() => {
-                    return Err(StoreError(format!("Redis: {e}")));
-                }
                 Err(e) => {
+                    let err = StoreError::from(&e);
+                    if let StoreError::Script(_) = err {
+                        // An error reply: the connection is fine and in step.
+                        return Err(err);
+                    }
                     let err = self.failed(&e);
-                    let stale =
-                        (e.is_connection_dropped() && !e.is_timeout()) || e.is_cluster_error();
+                    // MOVED and ASK name the right node: a new connection (with a fresh slot
+                    // map) can take the command at once.
+                    let stale = (e.is_connection_dropped() && !e.is_timeout())
+                        || matches!(
+                            e.kind(),
+                            ErrorKind::Server(
+                                ::redis::ServerErrorKind::Moved | ::redis::ServerErrorKind::Ask
+                            )
+                        );
                     if reused && !retried && stale {
                         retried = true;
                         self.retry_at = None;
@@ -513,6 +566,111 @@ impl Link {
             }
         }
     }
+}
+
+/// `err` with `note` added to its text.
+fn with_note(err: &StoreError, note: &str) -> StoreError {
+    let add = |s: &String| format!("{s}; {note}");
+    match err {
+        StoreError::Unreachable(s) => StoreError::Unreachable(add(s)),
+        StoreError::Timeout(s) => StoreError::Timeout(add(s)),
+        StoreError::NotWritable(s) => StoreError::NotWritable(add(s)),
+        StoreError::Script(s) => StoreError::Script(add(s)),
+        StoreError::Unexpected(s) => StoreError::Unexpected(add(s)),
+        StoreError::Config(s) => StoreError::Config(add(s)),
+        other => other.clone(),
+    }
+}
+
+impl From<&RedisError> for StoreError {
+    /// Sorts a Redis failure by what the caller should do about it.
+    fn from(e: &RedisError) -> StoreError {
+        use ::redis::ServerErrorKind as S;
+        // "Redis READONLY: You can't write ...", also for the first failure in a pipeline.
+        let first = e.clone().into_server_errors().and_then(|errs| {
+            errs.first()
+                .map(|(_, se)| format!("Redis {}: {}", se.code(), se.details().unwrap_or("")))
+        });
+        let text = first.unwrap_or_else(|| format!("Redis: {e}"));
+        match e.kind() {
+            ErrorKind::Server(
+                S::ReadOnly
+                | S::MasterDown
+                | S::BusyLoading
+                | S::TryAgain
+                | S::ClusterDown
+                | S::Moved
+                | S::Ask,
+            ) => StoreError::NotWritable(text),
+            // A script running too long, or a primary short of the replicas that
+            // `min-replicas-to-write` asks for: not now either.
+            ErrorKind::Extension if matches!(e.code(), Some("BUSY" | "NOREPLICAS")) => {
+                StoreError::NotWritable(text)
+            }
+            ErrorKind::Io | ErrorKind::ClusterConnectionNotFound if e.is_timeout() => {
+                StoreError::Timeout(text)
+            }
+            ErrorKind::Io
+            | ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::AuthenticationFailed
+            | ErrorKind::RESP3NotSupported => StoreError::Unreachable(text),
+            ErrorKind::InvalidClientConfig => StoreError::Config(text),
+            ErrorKind::Parse | ErrorKind::UnexpectedReturnType | ErrorKind::Client => {
+                StoreError::Unexpected(text)
+            }
+            _ if e.code().is_some() => StoreError::Script(text),
+            _ => StoreError::Unexpected(text),
+        }
+    }
+}
+
+impl From<RedisError> for StoreError {
+    fn from(e: RedisError) -> StoreError {
+        StoreError::from(&e)
+    }
+}
+
+/// Runs the write script (loading it again if Redis lost it), then, with `wait` above zero,
+/// Redis `WAIT`. Returns the script's reply and how many replicas acknowledged.
+fn write_batch(
+    conn: &mut Conn,
+    stats: &mut Stats,
+    script: &::redis::Cmd,
+    wait: u32,
+) -> RedisResult<(Vec<Value>, Option<i64>)> {
+    let reply = match query::<Vec<Value>>(conn, stats, Cmd::Evalsha, script) {
+        Err(e) if e.kind() == ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
+            load_script(conn, stats)?;
+            query(conn, stats, Cmd::Evalsha, script)?
+        }
+        other => other?,
+    };
+    if wait == 0 {
+        return Ok((reply, None));
+    }
+    let mut cmd = ::redis::cmd("WAIT");
+    cmd.arg(wait).arg(WAIT_TIMEOUT_MS);
+    let acknowledged = match conn {
+        Conn::Node(_) => query::<i64>(conn, stats, Cmd::Wait, &cmd)?,
+        // WAIT names no key: it must go to the node that took the write, on the same
+        // connection, which is the one holding the slot of the keys.
+        #[cfg(feature = "cluster")]
+        Conn::Cluster(c) => {
+            use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+            count(stats, Cmd::Wait);
+            let route = Route::with_key(TIMES_KEY, SlotAddr::Master);
+            c.route_command(
+                &cmd,
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+            )
+            .and_then(|v| match v {
+                Value::Int(n) => Ok(n),
+                _ => Err(unexpected("WAIT reply is not an integer")),
+            })
+            .inspect_err(|_| fail(stats, Cmd::Wait))?
+        }
+    };
+    Ok((reply, Some(acknowledged)))
 }
 
 /// The wait before the next attempt after `failures` failures in a row: [`BACKOFF_FIRST`],
@@ -611,11 +769,30 @@ fn unexpected(what: &'static str) -> RedisError {
     RedisError::from((ErrorKind::UnexpectedReturnType, what))
 }
 
+/// Adds a harmless write command to a fetch's pipeline, after its reads: the approximate trim
+/// every write does anyway (it trims nothing, so nothing is replicated, unless the log grew
+/// past its length). A read-only replica (a primary demoted by a failover) refuses it with
+/// `READONLY`, so the fetch fails and readiness says 503 for as long as the node cannot take
+/// writes, although its reads would succeed.
+fn writability_check(pipe: &mut ::redis::Pipeline, cmds: &mut Vec<Cmd>, maxlen: u64) {
+    pipe.cmd("XTRIM")
+        .arg(LOG_KEY)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(maxlen);
+    cmds.push(Cmd::Xtrim);
+}
+
 /// Reads the log from the cursor, page by page.
-fn read_log(conn: &mut Conn, stats: &mut Stats, cursor: &Cursor) -> RedisResult<Delta> {
+fn read_log(
+    conn: &mut Conn,
+    stats: &mut Stats,
+    cursor: &Cursor,
+    maxlen: u64,
+) -> RedisResult<Delta> {
     let mut changes = Vec::new();
     let mut last = cursor.last.clone();
-    for _ in 0..MAX_LOG_PAGES {
+    for page in 0..MAX_LOG_PAGES {
         let want = LOG_PAGE + usize::from(last.is_some());
         let mut pipe = ::redis::pipe();
         pipe.cmd("GET").arg(EPOCH_KEY);
@@ -625,7 +802,11 @@ fn read_log(conn: &mut Conn, stats: &mut Stats, cursor: &Cursor) -> RedisResult<
             .arg("+")
             .arg("COUNT")
             .arg(want);
-        let mut replies = query_pipe(conn, stats, &[Cmd::Get, Cmd::Xrange], &pipe)?.into_iter();
+        let mut cmds = vec![Cmd::Get, Cmd::Xrange];
+        if page == 0 {
+            writability_check(&mut pipe, &mut cmds, maxlen);
+        }
+        let mut replies = query_pipe(conn, stats, &cmds, &pipe)?.into_iter();
         let epoch = bytes(&replies.next().unwrap_or(Value::Nil)).map(<[u8]>::to_vec);
         let entries = stream_entries(replies.next().unwrap_or(Value::Nil))?;
         if epoch != cursor.epoch {
@@ -683,6 +864,7 @@ fn read_log(conn: &mut Conn, stats: &mut Stats, cursor: &Cursor) -> RedisResult<
 fn snapshot(
     conn: &mut Conn,
     stats: &mut Stats,
+    maxlen: u64,
 ) -> RedisResult<(Cursor, HashMap<Box<str>, Micros>)> {
     let mut pipe = ::redis::pipe();
     pipe.cmd("GET").arg(EPOCH_KEY);
@@ -692,7 +874,9 @@ fn snapshot(
         .arg("-")
         .arg("COUNT")
         .arg(1);
-    let mut replies = query_pipe(conn, stats, &[Cmd::Get, Cmd::Xrevrange], &pipe)?.into_iter();
+    let mut cmds = vec![Cmd::Get, Cmd::Xrevrange];
+    writability_check(&mut pipe, &mut cmds, maxlen);
+    let mut replies = query_pipe(conn, stats, &cmds, &pipe)?.into_iter();
     let epoch = bytes(&replies.next().unwrap_or(Value::Nil)).map(<[u8]>::to_vec);
     let last = stream_entries(replies.next().unwrap_or(Value::Nil))?
         .into_iter()
@@ -1040,6 +1224,89 @@ mod tests {
             s.stats()
         );
         assert!(fetched.snapshot, "an empty Redis is a lost epoch");
+        assert_eq!(s.write(&[change("e", 3)]).unwrap(), vec![3]);
+    }
+
+    #[test]
+    fn failures_are_sorted_by_what_to_do_about_them() {
+        use ::redis::ServerErrorKind as S;
+        use std::io;
+        let server = |k| StoreError::from(RedisError::from((ErrorKind::Server(k), "x")));
+        for k in [
+            S::ReadOnly,
+            S::MasterDown,
+            S::BusyLoading,
+            S::TryAgain,
+            S::ClusterDown,
+            S::Moved,
+            S::Ask,
+        ] {
+            assert!(
+                matches!(server(k), StoreError::NotWritable(_)),
+                "{k:?}: {}",
+                server(k)
+            );
+        }
+        assert!(matches!(server(S::ResponseError), StoreError::Script(_)));
+        let extension =
+            |code: &str| StoreError::from(::redis::make_extension_error(code.to_owned(), None));
+        assert!(matches!(
+            extension("NOREPLICAS"),
+            StoreError::NotWritable(_)
+        ));
+        assert!(matches!(extension("BUSY"), StoreError::NotWritable(_)));
+        assert!(matches!(extension("WHATEVER"), StoreError::Script(_)));
+        assert!(matches!(server(S::NoPerm), StoreError::Script(_)));
+        let io_err = |k| StoreError::from(RedisError::from(io::Error::new(k, "x")));
+        assert!(matches!(
+            io_err(io::ErrorKind::TimedOut),
+            StoreError::Timeout(_)
+        ));
+        assert!(matches!(
+            io_err(io::ErrorKind::WouldBlock),
+            StoreError::Timeout(_)
+        ));
+        assert!(matches!(
+            io_err(io::ErrorKind::ConnectionRefused),
+            StoreError::Unreachable(_)
+        ));
+        assert!(matches!(
+            StoreError::from(unexpected("odd")),
+            StoreError::Unexpected(_)
+        ));
+    }
+
+    #[test]
+    fn a_demoted_primary_fails_writes_and_fetches_until_it_is_promoted() {
+        let a = TestRedis::start();
+        let b = TestRedis::start();
+        let mut s = RedisStore::new(&a.url(), 100).unwrap();
+        s.write(&[change("e", 1)]).unwrap();
+        s.fetch().unwrap();
+        a.cli(&["REPLICAOF", "127.0.0.1", &b.port.to_string()])
+            .unwrap();
+        let e = s.write(&[change("e", 2)]).unwrap_err();
+        assert!(matches!(e, StoreError::NotWritable(_)), "{e}");
+        assert!(e.to_string().contains("READONLY"), "{e}");
+        // Fetches fail while the node refuses writes, whether in the backoff or connected.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let e = s.fetch().unwrap_err();
+            assert!(matches!(e, StoreError::NotWritable(_)), "{e}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stats: HashMap<_, _> = s.stats().into_iter().collect();
+        assert!(stats["xtrim"].failed >= 2, "{:?}", stats["xtrim"]);
+        assert!(stats["connect"].sent >= 3, "{:?}", stats["connect"]);
+        a.cli(&["REPLICAOF", "NO", "ONE"]).unwrap();
+        let deadline = Instant::now() + BACKOFF_CAP + Duration::from_secs(2);
+        loop {
+            match s.fetch() {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "not writable again: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(s.write(&[change("e", 3)]).unwrap(), vec![3]);
     }
 

@@ -53,7 +53,9 @@ impl Server {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(rest.trim().to_owned());
+                    // A JSON line (LOG_FORMAT=json) closes the message with a quote.
+                    let addr = rest.split('"').next().unwrap_or(rest);
+                    let _ = tx.send(addr.trim().to_owned());
                 }
                 sink.lock().unwrap().push(line);
             }

@@ -1,0 +1,152 @@
+//! The access log, at debug level (module `flagsmith_sse::server::access`): one line per
+//! answered request, and one when a stream opens and when it closes. Each line carries its
+//! fields (method, path, status, peer, duration; environment and reason for streams), which
+//! `LOG_FORMAT=json` writes as JSON fields. Nothing here runs unless debug logging is on.
+
+use super::*;
+use log::Level;
+
+/// The method's name as on the wire.
+fn method_name(m: Method) -> &'static str {
+    match m {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Post => "POST",
+        Method::Options => "OPTIONS",
+        Method::Other => "OTHER",
+    }
+}
+
+/// The path a route was reached by (the target itself is not kept; a 404's is not known).
+fn route_path(route: &Route) -> String {
+    match route {
+        Route::Stream(key) => format!("/sse/environments/{key}/stream"),
+        Route::QueueChange(key) => format!("/sse/environments/{key}/queue-change"),
+        Route::Liveness => "/health/liveness/".to_owned(),
+        Route::Readiness => "/health/readiness/".to_owned(),
+        Route::Metrics => "/metrics".to_owned(),
+        Route::AdminEnvironments => "/admin/environments".to_owned(),
+        Route::NotFound => "(unknown)".to_owned(),
+    }
+}
+
+/// The status code at the start of an HTTP/1.x response.
+fn response_status(out: &[u8]) -> u16 {
+    out.get(9..12)
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Server {
+    fn peer(&self, token: usize) -> String {
+        self.conns
+            .get(token)
+            .and_then(|c| c.sock.peer_addr().ok())
+            .map_or_else(|| "-".to_owned(), |a| a.to_string())
+    }
+
+    /// Logs an answered request: `out` is the response, `started` when its first byte came.
+    pub(super) fn log_request(&self, token: usize, head: &Head, out: &[u8], started: u64) {
+        if !log::log_enabled!(Level::Debug) {
+            return;
+        }
+        self.log_answer(
+            token,
+            method_name(head.method),
+            &route_path(&head.route),
+            response_status(out),
+            started,
+        );
+    }
+
+    /// Logs an answered request given its parts.
+    pub(super) fn log_answer(
+        &self,
+        token: usize,
+        method: &str,
+        path: &str,
+        status: u16,
+        started: u64,
+    ) {
+        if !log::log_enabled!(Level::Debug) {
+            return;
+        }
+        let peer = self.peer(token);
+        let duration_ms = self.now().saturating_sub(started);
+        debug!(
+            method = method, path = path, status = status, peer = peer.as_str(), duration_ms = duration_ms;
+            "request"
+        );
+    }
+
+    /// Logs a queue-change about to be answered: 200 when stored, else 503. `key` is its
+    /// environment when known (a write answered for taking too long no longer has it).
+    pub(super) fn log_queue_change(&mut self, id: store::WriteId, key: Option<&str>, ok: bool) {
+        let now = self.now();
+        let Some(&(token, serial)) = self.writes.get(&id) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        if c.serial != serial {
+            return;
+        }
+        let State::Http(h) = &mut c.state else { return };
+        let started = h.started.take().unwrap_or(now);
+        if !log::log_enabled!(Level::Debug) {
+            return;
+        }
+        let path = format!(
+            "/sse/environments/{}/queue-change",
+            key.unwrap_or("(unknown)")
+        );
+        self.log_answer(token, "POST", &path, if ok { 200 } else { 503 }, started);
+    }
+
+    /// Logs a stream that just opened.
+    pub(super) fn log_stream_open(&self, token: usize) {
+        if !log::log_enabled!(Level::Debug) {
+            return;
+        }
+        let Some(State::Stream(s)) = self.conns.get(token).map(|c| &c.state) else {
+            return;
+        };
+        let env = self.envs.get(s.env as usize).map_or("-", |e| &e.key);
+        let peer = self.peer(token);
+        debug!(
+            event = "stream_open", environment = env, peer = peer.as_str();
+            "stream opened"
+        );
+    }
+
+    /// Logs a stream that is closing, and why.
+    pub(super) fn log_stream_closed(&self, token: usize, reason: &str) {
+        if !log::log_enabled!(Level::Debug) {
+            return;
+        }
+        let Some(State::Stream(s)) = self.conns.get(token).map(|c| &c.state) else {
+            return;
+        };
+        let env = self.envs.get(s.env as usize).map_or("-", |e| &e.key);
+        let peer = self.peer(token);
+        let duration_ms = self.now().saturating_sub(s.opened);
+        debug!(
+            event = "stream_close", environment = env, peer = peer.as_str(), reason = reason,
+            duration_ms = duration_ms;
+            "stream closed"
+        );
+    }
+}
+
+/// A close reason's name in the access log.
+pub(super) fn why_name(why: Why) -> &'static str {
+    match why {
+        Why::Peer => "peer",
+        Why::Done => "done",
+        Why::Error => "error",
+        Why::Stalled => "stalled",
+        Why::Deadline => "deadline",
+    }
+}
