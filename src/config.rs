@@ -85,6 +85,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "seconds allowed to send a complete request (408 after)",
     ),
     (
+        "MAX_BUFFERED_REQUEST_BYTES",
+        "67108864 (64 MiB)",
+        "all connections' buffered request bytes together; past it a request gets 503 + Retry-After",
+    ),
+    (
         "SHUTDOWN_GRACE_SECONDS",
         "5",
         "window over which open streams are ended on SIGTERM",
@@ -193,6 +198,8 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Time allowed to send a complete request.
     pub request_timeout: Duration,
+    /// Budget for the request bytes buffered by all connections together.
+    pub max_buffered_request_bytes: usize,
     /// Window over which streams are ended at shutdown.
     pub shutdown_grace: Duration,
     /// Whether to set SO_REUSEPORT on the listener.
@@ -406,6 +413,14 @@ impl Config {
             keepalive: v.seconds("KEEPALIVE_SECONDS", 15.0, false)?,
             max_connections,
             request_timeout: v.seconds("REQUEST_TIMEOUT_SECONDS", 10.0, false)?,
+            max_buffered_request_bytes: match v.parse(
+                "MAX_BUFFERED_REQUEST_BYTES",
+                64 << 20,
+                "a whole number of bytes",
+            )? {
+                0 => return Err(bad("MAX_BUFFERED_REQUEST_BYTES", "must be at least 1")),
+                n => n,
+            },
             shutdown_grace: v.seconds("SHUTDOWN_GRACE_SECONDS", 5.0, true)?,
             reuse_port,
             redis_notify: v.flag_or("REDIS_NOTIFY", true)?,
@@ -674,6 +689,7 @@ mod tests {
         assert_eq!(c.request_timeout, Duration::from_secs(10));
         assert_eq!(c.shutdown_grace, Duration::from_secs(5));
         assert_eq!(c.max_connections, None);
+        assert_eq!(c.max_buffered_request_bytes, 64 << 20);
         assert!(!c.reuse_port);
         assert!(c.redis_notify);
         assert_eq!(c.wait_replicas, 0);
@@ -718,6 +734,8 @@ mod tests {
             ("MAX_STREAM_AGE", "soon"),
             ("KEEPALIVE_SECONDS", "NaN"),
             ("MAX_CONNECTIONS", "0"),
+            ("MAX_BUFFERED_REQUEST_BYTES", "lots"),
+            ("MAX_BUFFERED_REQUEST_BYTES", "0"),
             ("REUSE_PORT", "maybe"),
             ("LOG_LEVEL", "loud"),
             ("LOG_FORMAT", "xml"),

@@ -6,7 +6,7 @@
 //! that closing never resets unread bytes. Methods here report what happened as an [`Io`]
 //! outcome; only the server tears a connection down.
 
-use crate::http::Reader;
+use crate::http::{Budget, Reader};
 use crate::sse::{self, Event};
 use crate::timestamp::Micros;
 use mio::net::TcpStream;
@@ -74,6 +74,8 @@ pub struct Conn {
     pub timer_at: u64,
     /// The socket may have more input than was read (edge-triggered readiness).
     pub readable: bool,
+    /// Bytes received after a subscriber's request (a stream client sends nothing more).
+    pub stray_input: usize,
     /// Where the connection is in its life.
     pub state: State,
 }
@@ -112,10 +114,10 @@ pub struct Http {
 }
 
 impl Http {
-    /// A connection waiting for its first request until `deadline`.
-    pub fn new(deadline: u64) -> Http {
+    /// A connection waiting for its first request until `deadline`, buffering within `budget`.
+    pub fn new(deadline: u64, budget: &Budget) -> Http {
         Http {
-            reader: Reader::default(),
+            reader: Reader::new(budget),
             out: Vec::new(),
             out_pos: 0,
             close_after: false,
@@ -154,6 +156,11 @@ impl Http {
     /// Whether response bytes are waiting.
     pub fn has_output(&self) -> bool {
         self.out_pos < self.out.len()
+    }
+
+    /// Response bytes waiting.
+    pub fn pending_output(&self) -> usize {
+        self.out.len() - self.out_pos
     }
 }
 

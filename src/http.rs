@@ -3,7 +3,9 @@
 //! Everything here is a pure function of bytes, so it can be tested and fuzzed without sockets.
 //! "Not yet" is a value (`Ok(None)`), not an error; the caller bounds buffer sizes and time.
 
+use std::cell::Cell;
 use std::fmt;
+use std::rc::Rc;
 
 /// Largest request head accepted (request line and headers); 431 above.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -13,6 +15,10 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 64;
 /// Largest chunked body on the wire (data plus chunk framing) accepted before 413.
 pub const MAX_CHUNKED_WIRE: usize = MAX_BODY + 16 * 1024;
+/// Longest chunk-size line (size, whitespace and extension) accepted; 400 above.
+pub const MAX_CHUNK_LINE: usize = 1024;
+/// Largest trailer section of a chunked body accepted; 431 above.
+pub const MAX_TRAILERS: usize = MAX_HEAD;
 
 /// Why a request was refused. Each variant is answered with its status and the connection is
 /// closed after the response, because the rest of the byte stream can no longer be trusted.
@@ -28,8 +34,11 @@ pub enum HttpError {
     ExpectationFailed,
     /// 431: the head is larger than [`MAX_HEAD`] or has more than [`MAX_HEADERS`] lines.
     HeadersTooLarge,
-    /// 505: an HTTP version other than 1.0 and 1.1.
+    /// 505: an HTTP version other than 1.x.
     VersionNotSupported,
+    /// 503 with `Retry-After`: buffering the request would pass the process-wide budget for
+    /// buffered request bytes (`MAX_BUFFERED_REQUEST_BYTES`).
+    Busy,
 }
 
 impl HttpError {
@@ -42,6 +51,7 @@ impl HttpError {
             HttpError::ExpectationFailed => 417,
             HttpError::HeadersTooLarge => 431,
             HttpError::VersionNotSupported => 505,
+            HttpError::Busy => 503,
         }
     }
 }
@@ -59,8 +69,9 @@ impl fmt::Display for HttpError {
                     "request head is larger than {MAX_HEAD} bytes or has over {MAX_HEADERS} headers"
                 )
             }
-            HttpError::VersionNotSupported => {
-                f.write_str("only HTTP/1.0 and HTTP/1.1 are supported")
+            HttpError::VersionNotSupported => f.write_str("only HTTP/1.x is supported"),
+            HttpError::Busy => {
+                f.write_str("too many requests are being received; try again shortly")
             }
         }
     }
@@ -109,14 +120,20 @@ pub enum Route {
     Metrics,
     /// `/admin/environments`: the environments with subscribers on this instance.
     AdminEnvironments,
+    /// `*` (asterisk-form, only with OPTIONS): the server as a whole.
+    Asterisk,
     /// Anything else: 404.
     NotFound,
 }
 
 impl Route {
-    /// Parses a request target; the query string is ignored.
+    /// Parses a request target (origin-form, absolute-form or `*`); the query string is ignored.
     pub fn parse(target: &str) -> Route {
+        if target == "*" {
+            return Route::Asterisk;
+        }
         let path = target.split(['?', '#']).next().unwrap_or("");
+        let path = absolute_form_path(path).unwrap_or(path);
         match path {
             "/health" | "/health/" | "/health/readiness" | "/health/readiness/" => Route::Readiness,
             "/health/liveness" | "/health/liveness/" => Route::Liveness,
@@ -148,6 +165,7 @@ impl Route {
             Route::QueueChange(_) => "POST, OPTIONS",
             Route::AdminEnvironments => "GET, OPTIONS",
             Route::Liveness | Route::Readiness | Route::Metrics => "GET, HEAD, OPTIONS",
+            Route::Asterisk => "GET, HEAD, POST, OPTIONS",
             Route::NotFound => "",
         }
     }
@@ -164,6 +182,16 @@ impl Route {
             _ => false,
         }
     }
+}
+
+/// The path of an absolute-form target (`http://host/path`): what follows the authority, or
+/// `/` when nothing does. `None` for any other form.
+fn absolute_form_path(target: &str) -> Option<&str> {
+    let (scheme, rest) = target.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    Some(rest.find('/').map_or("/", |i| &rest[i..]))
 }
 
 /// An environment key: `[A-Za-z0-9._-]`, 1 to 128 bytes.
@@ -198,7 +226,33 @@ pub struct Head {
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)`: not complete yet.
+///
+/// An HTTP/1.x version above 1.1 (which httparse refuses) is read as 1.1, as RFC 9110 asks of
+/// a server that implements 1.1.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
+    match later_minor_version(buf) {
+        Some(at) => {
+            let mut patched = buf.to_vec();
+            if let Some(digit) = patched.get_mut(at) {
+                *digit = b'1';
+            }
+            parse_head_as_is(&patched)
+        }
+        None => parse_head_as_is(buf),
+    }
+}
+
+/// Where the minor version digit of an `HTTP/1.2` to `HTTP/1.9` request line is.
+fn later_minor_version(buf: &[u8]) -> Option<usize> {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let len = buf.get(start..)?.iter().position(|&b| b == b'\n')?;
+    let line = buf.get(start..start + len)?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let (rest, digit) = line.split_at_checked(line.len().checked_sub(1)?)?;
+    (rest.ends_with(b" HTTP/1.") && matches!(digit, [b'2'..=b'9'])).then_some(start + rest.len())
+}
+
+fn parse_head_as_is(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -241,7 +295,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
         "OPTIONS" => Method::Options,
         _ => Method::Other,
     };
-    let route = Route::parse(req.path.unwrap_or(""));
+    let target = req.path.unwrap_or("");
+    let route = Route::parse(target);
+    if route == Route::Asterisk && method != Method::Options {
+        return Err(HttpError::BadRequest("the target * is only for OPTIONS"));
+    }
+    let mut hosts = 0;
     let mut keep_alive = minor == 1;
     let mut content_length: Option<usize> = None;
     let mut transfer_encoding: Option<Vec<u8>> = None;
@@ -285,9 +344,16 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
             }
         } else if name.eq_ignore_ascii_case("authorization") {
             authorization = Some(h.value.to_vec());
+        } else if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
         } else if name.eq_ignore_ascii_case("access-control-request-headers") {
             cors_request_headers = std::str::from_utf8(h.value).ok().map(str::to_owned);
         }
+    }
+    if minor == 1 && hosts != 1 {
+        return Err(HttpError::BadRequest(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
     }
     let body = match (content_length, transfer_encoding) {
         (Some(_), Some(_)) => {
@@ -328,71 +394,389 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
 /// `Ok(None)`: not complete yet. `Ok(Some((body, consumed)))`: the decoded body and how many
 /// bytes of `buf` it took.
 pub fn parse_body(framing: BodyFraming, buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
-    match framing {
-        BodyFraming::None => Ok(Some((Vec::new(), 0))),
-        BodyFraming::Length(n) => Ok(buf.get(..n).map(|b| (b.to_vec(), n))),
-        BodyFraming::Chunked => parse_chunked(buf),
+    let Some(mut d) = Decoder::new(framing, &Budget::unlimited()) else {
+        return Ok(Some((Vec::new(), 0)));
+    };
+    let (used, done) = d.decode(buf)?;
+    Ok(done.then(|| (d.body.take(), used)))
+}
+
+/// A process-wide budget for buffered request bytes, shared by every [`Reader`] of the loop.
+///
+/// Readers count the capacity of their buffers against it as they grow and give it back when
+/// they shrink or are dropped; a reader whose next growth would pass the limit fails with
+/// [`HttpError::Busy`]. Single-threaded by design, like the loop that owns it.
+#[derive(Debug, Clone)]
+pub struct Budget(Rc<BudgetInner>);
+
+#[derive(Debug)]
+struct BudgetInner {
+    used: Cell<usize>,
+    limit: usize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Budget {
+        Budget(Rc::new(BudgetInner {
+            used: Cell::new(0),
+            limit,
+        }))
+    }
+
+    /// No limit (tests, benchmarks, pure parsing).
+    pub fn unlimited() -> Budget {
+        Budget::new(usize::MAX)
+    }
+
+    /// Bytes counted against the budget now.
+    pub fn used(&self) -> usize {
+        self.0.used.get()
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.0.limit
     }
 }
 
-fn parse_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
-    let mut body = Vec::new();
-    let mut i = 0;
-    loop {
-        let rest = buf.get(i..).unwrap_or(&[]);
-        let (hdr, size) = match httparse::parse_chunk_size(rest) {
-            Ok(httparse::Status::Complete(v)) => v,
-            Ok(httparse::Status::Partial) => return partial_chunked(buf),
-            Err(_) => return Err(HttpError::BadRequest("malformed chunk size")),
-        };
-        i += hdr;
-        if size == 0 {
-            break;
-        }
-        let size = usize::try_from(size).map_err(|_| HttpError::PayloadTooLarge)?;
-        if size > MAX_BODY || body.len() + size > MAX_BODY {
-            return Err(HttpError::PayloadTooLarge);
-        }
-        let Some(data) = buf.get(i..i + size) else {
-            return partial_chunked(buf);
-        };
-        body.extend_from_slice(data);
-        i += size;
-        match buf.get(i..i + 2) {
-            Some(b"\r\n") => i += 2,
-            Some(_) => return Err(HttpError::BadRequest("chunk data not followed by CRLF")),
-            None => return partial_chunked(buf),
-        }
-    }
-    // Trailer section: header lines until an empty line.
-    loop {
-        let rest = buf.get(i..).unwrap_or(&[]);
-        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-            return partial_chunked(buf);
-        };
-        i += eol + 2;
-        if eol == 0 {
-            return Ok(Some((body, i)));
-        }
-        if i > MAX_CHUNKED_WIRE {
-            return Err(HttpError::PayloadTooLarge);
-        }
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget::unlimited()
     }
 }
 
-fn partial_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
-    if buf.len() > MAX_CHUNKED_WIRE {
-        Err(HttpError::PayloadTooLarge)
-    } else {
+/// A byte buffer whose capacity is counted against a [`Budget`].
+#[derive(Debug, Default)]
+struct Counted {
+    bytes: Vec<u8>,
+    budget: Budget,
+    counted: usize,
+}
+
+impl Counted {
+    fn new(budget: &Budget) -> Counted {
+        Counted {
+            bytes: Vec::new(),
+            budget: budget.clone(),
+            counted: 0,
+        }
+    }
+
+    /// Makes room for `extra` more bytes, growing by doubling up to `cap` bytes in all.
+    fn reserve(&mut self, extra: usize, cap: usize) -> Result<(), HttpError> {
+        let len = self.bytes.len();
+        let have = self.bytes.capacity();
+        if have - len >= extra {
+            return Ok(());
+        }
+        let want = (len + extra).max(have.saturating_mul(2).min(cap)).max(64);
+        let used = self.budget.used() - self.counted;
+        if used.saturating_add(want) > self.budget.limit() {
+            return Err(HttpError::Busy);
+        }
+        self.bytes.reserve_exact(want - len);
+        self.sync();
+        Ok(())
+    }
+
+    fn extend(&mut self, data: &[u8], cap: usize) -> Result<(), HttpError> {
+        self.reserve(data.len(), cap)?;
+        self.bytes.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Hands the bytes over; they no longer count.
+    fn take(&mut self) -> Vec<u8> {
+        let v = std::mem::take(&mut self.bytes);
+        self.sync();
+        v
+    }
+
+    /// Frees the allocation.
+    fn release(&mut self) {
+        self.bytes = Vec::new();
+        self.sync();
+    }
+
+    fn sync(&mut self) {
+        let now = self.bytes.capacity();
+        let used = self.budget.used() - self.counted + now;
+        self.budget.0.used.set(used);
+        self.counted = now;
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let used = self.budget.used() - self.counted;
+        self.budget.0.used.set(used);
+    }
+}
+
+/// Whether `b` may appear in a method (an RFC 9110 token character).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Line state shared by the head and trailer scans: where the last byte left us.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum LineAt {
+    /// Just after a line feed: a line feed here (or CR LF) ends the section.
+    #[default]
+    Start,
+    /// After a line feed and a carriage return.
+    StartCr,
+    /// Inside a line.
+    Inside,
+}
+
+impl LineAt {
+    /// Steps over `b`; true when `b` ends the section (an empty line).
+    fn step(&mut self, b: u8) -> bool {
+        match b {
+            b'\n' if *self != LineAt::Inside => return true,
+            b'\n' => *self = LineAt::Start,
+            b'\r' if *self == LineAt::Start => *self = LineAt::StartCr,
+            _ => *self = LineAt::Inside,
+        }
+        false
+    }
+}
+
+/// How far the search for the end of a request head has got. Each byte is looked at once;
+/// httparse runs when the request line is complete (to refuse garbage early) and when the
+/// blank line ending the head has arrived.
+#[derive(Debug, Default, Clone, Copy)]
+struct HeadScan {
+    /// Head bytes looked at so far (leading empty lines included).
+    seen: usize,
+    /// The request line has begun (empty lines before it are skipped, as httparse does).
+    started: bool,
+    /// The method is complete (its space was seen).
+    method_done: bool,
+    /// The request line is complete and was checked.
+    line_checked: bool,
+    /// The request line is complete and not yet checked.
+    line_pending: bool,
+    at: LineAt,
+}
+
+impl HeadScan {
+    /// Looks at `bytes`, the head's next bytes. `Some(n)`: the head ends after `bytes[..n]`.
+    fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, HttpError> {
+        for (i, &b) in bytes.iter().enumerate() {
+            self.seen += 1;
+            if !self.started {
+                if b == b'\r' || b == b'\n' {
+                    continue;
+                }
+                if b == 0x16 {
+                    return Err(HttpError::BadRequest(
+                        "not HTTP (a TLS handshake on the plain-text port?)",
+                    ));
+                }
+                self.started = true;
+                self.at = LineAt::Inside;
+            }
+            if !self.method_done {
+                if b == b' ' && self.seen > 1 {
+                    self.method_done = true;
+                } else if !is_tchar(b) {
+                    return Err(HttpError::BadRequest("malformed request line"));
+                }
+            }
+            if b == b'\n' && !self.line_checked {
+                self.line_pending = true;
+            }
+            if self.at.step(b) {
+                return Ok(Some(i + 1));
+            }
+        }
         Ok(None)
+    }
+}
+
+/// Where a chunked body's decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Hex digits of a chunk size (so many read).
+    Size(u8),
+    /// Whitespace after the size.
+    SizeSpace,
+    /// A chunk extension, up to the end of the line.
+    Extension,
+    /// The line feed ending the size line.
+    SizeLf,
+    /// Chunk data, so many bytes left.
+    Data(usize),
+    /// The carriage return after chunk data.
+    DataCr,
+    /// The line feed after chunk data.
+    DataLf,
+    /// Trailer lines, up to an empty line.
+    Trailer(LineAt),
+}
+
+/// Decodes one body incrementally: every byte is looked at once, however the body is split.
+#[derive(Debug)]
+struct Decoder {
+    /// `Content-Length` bytes left, or the chunked state.
+    state: Result<usize, Chunk>,
+    /// The chunk size being read.
+    size: u64,
+    /// Bytes of the current chunk-size line.
+    line: usize,
+    /// Bytes of the trailer section.
+    trailer: usize,
+    /// Bytes of the chunked body on the wire.
+    wire: usize,
+    /// Largest the decoded body may get.
+    cap: usize,
+    body: Counted,
+}
+
+impl Decoder {
+    fn new(framing: BodyFraming, budget: &Budget) -> Option<Decoder> {
+        let (state, cap) = match framing {
+            BodyFraming::None => return None,
+            BodyFraming::Length(n) => (Ok(n), n),
+            BodyFraming::Chunked => (Err(Chunk::Size(0)), MAX_BODY),
+        };
+        Some(Decoder {
+            state,
+            size: 0,
+            line: 0,
+            trailer: 0,
+            wire: 0,
+            cap,
+            body: Counted::new(budget),
+        })
+    }
+
+    /// Decodes from `data`: how many bytes it took, and whether the body is complete (it takes
+    /// all of `data` unless it is).
+    fn decode(&mut self, data: &[u8]) -> Result<(usize, bool), HttpError> {
+        let mut i = 0;
+        loop {
+            match self.state {
+                Ok(left) => {
+                    let n = left.min(data.len() - i);
+                    self.body.extend(&data[i..i + n], self.cap)?;
+                    i += n;
+                    self.state = Ok(left - n);
+                    return Ok((i, left == n));
+                }
+                Err(Chunk::Data(left)) => {
+                    let n = left.min(data.len() - i);
+                    self.wire += n;
+                    if self.wire > MAX_CHUNKED_WIRE {
+                        return Err(HttpError::PayloadTooLarge);
+                    }
+                    self.body.extend(&data[i..i + n], self.cap)?;
+                    i += n;
+                    self.state = Err(if left == n {
+                        Chunk::DataCr
+                    } else {
+                        Chunk::Data(left - n)
+                    });
+                    if i == data.len() {
+                        return Ok((i, false));
+                    }
+                }
+                Err(chunk) => {
+                    let Some(&b) = data.get(i) else {
+                        return Ok((i, false));
+                    };
+                    i += 1;
+                    self.wire += 1;
+                    if self.wire > MAX_CHUNKED_WIRE {
+                        return Err(HttpError::PayloadTooLarge);
+                    }
+                    if self.chunk_byte(chunk, b)? {
+                        return Ok((i, true));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One framing byte of a chunked body; true when the body is complete.
+    fn chunk_byte(&mut self, chunk: Chunk, b: u8) -> Result<bool, HttpError> {
+        const BAD_SIZE: HttpError = HttpError::BadRequest("malformed chunk size");
+        let mut next = chunk;
+        if matches!(chunk, Chunk::Size(_) | Chunk::SizeSpace | Chunk::Extension) {
+            self.line += 1;
+            if self.line > MAX_CHUNK_LINE {
+                return Err(HttpError::BadRequest("chunk extension too long"));
+            }
+        }
+        match chunk {
+            Chunk::Size(digits) => match (b as char).to_digit(16) {
+                Some(_) if digits >= 16 => return Err(BAD_SIZE),
+                Some(d) => {
+                    self.size = self.size << 4 | u64::from(d);
+                    next = Chunk::Size(digits + 1);
+                }
+                None if digits == 0 => return Err(BAD_SIZE),
+                None => match b {
+                    b' ' | b'\t' => next = Chunk::SizeSpace,
+                    b';' => next = Chunk::Extension,
+                    b'\r' => next = Chunk::SizeLf,
+                    _ => return Err(BAD_SIZE),
+                },
+            },
+            Chunk::SizeSpace => match b {
+                b' ' | b'\t' => {}
+                b';' => next = Chunk::Extension,
+                b'\r' => next = Chunk::SizeLf,
+                _ => return Err(BAD_SIZE),
+            },
+            Chunk::Extension => match b {
+                b'\r' => next = Chunk::SizeLf,
+                b'\n' => return Err(BAD_SIZE),
+                _ => {}
+            },
+            Chunk::SizeLf => {
+                if b != b'\n' {
+                    return Err(BAD_SIZE);
+                }
+                let size = std::mem::take(&mut self.size);
+                self.line = 0;
+                let room = (self.cap - self.body.bytes.len()) as u64;
+                next = match size {
+                    0 => Chunk::Trailer(LineAt::Start),
+                    n if n > room => return Err(HttpError::PayloadTooLarge),
+                    n => Chunk::Data(n as usize),
+                };
+            }
+            Chunk::Data(_) => {}
+            Chunk::DataCr if b == b'\r' => next = Chunk::DataLf,
+            Chunk::DataLf if b == b'\n' => next = Chunk::Size(0),
+            Chunk::DataCr | Chunk::DataLf => {
+                return Err(HttpError::BadRequest("chunk data not followed by CRLF"));
+            }
+            Chunk::Trailer(mut at) => {
+                self.trailer += 1;
+                if self.trailer > MAX_TRAILERS {
+                    return Err(HttpError::HeadersTooLarge);
+                }
+                if at.step(b) {
+                    return Ok(true);
+                }
+                next = Chunk::Trailer(at);
+            }
+        }
+        self.state = Err(next);
+        Ok(false)
     }
 }
 
 /// What [`Reader::poll`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
-    /// A head is complete and its body is not yet (the caller may refuse early or send
-    /// `100 Continue`); the head is in [`Reader::head`].
+    /// A head announcing a body is complete and its body is not yet read (the caller may refuse
+    /// early or send `100 Continue`); the head is in [`Reader::head`].
     Head,
     /// A whole request: head and decoded body.
     Request(Head, Vec<u8>),
@@ -400,56 +784,245 @@ pub enum Parsed {
 
 /// Turns received bytes into requests, one at a time: the pure half of a connection.
 ///
-/// The buffer holds only bytes not yet consumed; once a request is taken and nothing is left,
-/// the allocation is released, so an idle keep-alive connection holds no memory.
+/// The reader keeps its place between reads: how far the search for the end of the head got,
+/// where a chunked body's decoder stands, and the body decoded so far. So each received byte is
+/// looked at once (see [`Reader::work`]), however the request is split. Bytes can come from the
+/// caller's own buffer ([`Reader::feed`]: only what is incomplete is copied) or be handed over
+/// ([`Reader::push`]). Buffers count against a [`Budget`]; they are freed when a request is
+/// taken or refused, so an idle keep-alive connection holds no memory.
 #[derive(Debug, Default)]
 pub struct Reader {
-    buf: Vec<u8>,
+    /// Bytes handed over and not yet parsed start at `pos`: a partial head, or input that
+    /// arrived while the caller was not ready for it.
+    buf: Counted,
+    pos: usize,
+    scan: HeadScan,
     /// The head of the request whose body is being read.
     pub head: Option<Head>,
+    body: Option<Decoder>,
+    failed: Option<HttpError>,
+    work: u64,
 }
 
 impl Reader {
-    /// Appends received bytes.
+    /// A reader whose buffers count against `budget`.
+    pub fn new(budget: &Budget) -> Reader {
+        Reader {
+            buf: Counted::new(budget),
+            ..Reader::default()
+        }
+    }
+
+    /// Appends received bytes, to be parsed by the next [`Reader::poll`].
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        if bytes.is_empty() || self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.stash(bytes) {
+            self.fail(e.clone());
+        }
     }
 
     /// Whether no request is in progress (nothing buffered, no head pending).
     pub fn is_idle(&self) -> bool {
-        self.buf.is_empty() && self.head.is_none()
+        !self.has_buffered() && self.head.is_none() && !self.scan.started
     }
 
-    /// Whether received bytes wait beyond the current head.
+    /// Whether handed-over bytes wait to be parsed.
     pub fn has_buffered(&self) -> bool {
-        !self.buf.is_empty()
+        self.pos < self.buf.bytes.len()
     }
 
-    /// The next step of parsing. `Ok(None)`: more bytes are needed.
+    /// Bytes handed over and not yet parsed.
+    pub fn buffered(&self) -> usize {
+        self.buf.bytes.len() - self.pos
+    }
+
+    /// Bytes of memory this reader holds (buffer capacities).
+    pub fn footprint(&self) -> usize {
+        self.buf.bytes.capacity() + self.body.as_ref().map_or(0, |d| d.body.bytes.capacity())
+    }
+
+    /// Bytes looked at so far, counting each run of httparse over the head as the head's
+    /// length: a measure of parsing work that does not depend on the machine.
+    pub fn work(&self) -> u64 {
+        self.work
+    }
+
+    /// The next step of parsing the bytes handed over. `Ok(None)`: more bytes are needed.
     pub fn poll(&mut self) -> Result<Option<Parsed>, HttpError> {
-        match &self.head {
-            None => {
-                if self.buf.is_empty() {
-                    return Ok(None);
+        self.feed(&mut &[][..])
+    }
+
+    /// The next step of parsing: the bytes handed over first, then `input`, which is advanced
+    /// past what was used. `Ok(None)`: more bytes are needed, and all of `input` was used (what
+    /// is incomplete is kept). After an error every later call returns it again.
+    pub fn feed(&mut self, input: &mut &[u8]) -> Result<Option<Parsed>, HttpError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match self.step(input) {
+            Ok(p) => {
+                if !self.has_buffered() {
+                    self.buf.release();
+                    self.pos = 0;
+                } else if p.is_none() && self.pos > 0 {
+                    // Compact once per read, not once per request.
+                    self.buf.bytes.drain(..self.pos);
+                    self.pos = 0;
                 }
-                let Some(head) = parse_head(&self.buf)? else {
-                    return Ok(None);
-                };
-                self.buf.drain(..head.len);
-                self.head = Some(head);
-                Ok(Some(Parsed::Head))
+                Ok(p)
             }
-            Some(head) => {
-                let Some((body, used)) = parse_body(head.body, &self.buf)? else {
-                    return Ok(None);
-                };
-                self.buf.drain(..used);
-                if self.buf.is_empty() {
-                    self.buf = Vec::new();
-                }
-                Ok(self.head.take().map(|head| Parsed::Request(head, body)))
+            Err(e) => {
+                self.fail(e.clone());
+                Err(e)
             }
         }
+    }
+
+    fn fail(&mut self, e: HttpError) {
+        self.failed = Some(e);
+        self.buf.release();
+        self.pos = 0;
+        self.body = None;
+    }
+
+    fn stash(&mut self, bytes: &[u8]) -> Result<(), HttpError> {
+        if self.pos > 0 && !self.has_buffered() {
+            self.buf.bytes.clear();
+            self.pos = 0;
+        }
+        self.buf.extend(bytes, usize::MAX)
+    }
+
+    fn step(&mut self, input: &mut &[u8]) -> Result<Option<Parsed>, HttpError> {
+        if self.head.is_none() {
+            return self.step_head(input);
+        }
+        let Some(d) = &mut self.body else {
+            return Ok(self.finish());
+        };
+        if self.pos < self.buf.bytes.len() {
+            let (used, done) = d.decode(&self.buf.bytes[self.pos..])?;
+            self.work += used as u64;
+            self.pos += used;
+            if done {
+                return Ok(self.finish());
+            }
+        }
+        let (used, done) = d.decode(input)?;
+        self.work += used as u64;
+        *input = &input[used..];
+        Ok(if done { self.finish() } else { None })
+    }
+
+    fn step_head(&mut self, input: &mut &[u8]) -> Result<Option<Parsed>, HttpError> {
+        if self.has_buffered() {
+            // Part of a head is buffered: look at what was not looked at yet, then at `input`.
+            let unscanned = self.pos + self.scan.seen;
+            let found = match self
+                .scan
+                .scan(self.buf.bytes.get(unscanned..).unwrap_or(&[]))?
+            {
+                Some(n) => Some(unscanned + n),
+                None => match self.scan.scan(input)? {
+                    Some(n) => {
+                        self.stash_head(&input[..n])?;
+                        *input = &input[n..];
+                        Some(self.buf.bytes.len())
+                    }
+                    None => {
+                        self.stash_head(input)?;
+                        *input = &[];
+                        None
+                    }
+                },
+            };
+            self.work += (found.unwrap_or(self.buf.bytes.len()) - unscanned) as u64;
+            let Some(end) = found else {
+                self.check_line(self.pos)?;
+                return Ok(None);
+            };
+            let head = self.parse(self.pos, end)?;
+            self.pos = end;
+            return Ok(self.start(head));
+        }
+        if !self.scan.started {
+            // Empty lines between requests are skipped without being kept.
+            let skip = input
+                .iter()
+                .position(|&b| b != b'\r' && b != b'\n')
+                .unwrap_or(input.len());
+            self.work += skip as u64;
+            *input = &input[skip..];
+            if input.is_empty() {
+                return Ok(None);
+            }
+        }
+        match self.scan.scan(input)? {
+            Some(n) => {
+                self.work += n as u64 * 2;
+                let head =
+                    parse_head(&input[..n])?.ok_or(HttpError::BadRequest("malformed request"))?;
+                *input = &input[n..];
+                self.scan = HeadScan::default();
+                Ok(self.start(head))
+            }
+            None => {
+                self.work += input.len() as u64;
+                self.stash_head(input)?;
+                *input = &[];
+                self.check_line(0)
+            }
+        }
+    }
+
+    /// Keeps part of a head, refusing a head that has grown too large.
+    fn stash_head(&mut self, bytes: &[u8]) -> Result<(), HttpError> {
+        if self.buffered() + bytes.len() > MAX_HEAD {
+            return Err(HttpError::HeadersTooLarge);
+        }
+        self.stash(bytes)
+    }
+
+    /// Once the request line is complete, refuses it at once if it is malformed.
+    fn check_line(&mut self, from: usize) -> Result<Option<Parsed>, HttpError> {
+        if self.scan.line_pending {
+            self.scan.line_pending = false;
+            self.scan.line_checked = true;
+            let bytes = self.buf.bytes.get(from..).unwrap_or(&[]);
+            self.work += bytes.len() as u64;
+            parse_head(bytes)?;
+        }
+        Ok(None)
+    }
+
+    /// Parses the complete head in `buf[from..end]`.
+    fn parse(&mut self, from: usize, end: usize) -> Result<Head, HttpError> {
+        self.scan = HeadScan::default();
+        let bytes = self.buf.bytes.get(from..end).unwrap_or(&[]);
+        self.work += bytes.len() as u64;
+        parse_head(bytes)?.ok_or(HttpError::BadRequest("malformed request"))
+    }
+
+    /// A head is complete: the request, or the start of its body.
+    fn start(&mut self, head: Head) -> Option<Parsed> {
+        self.body = Decoder::new(head.body, &self.buf.budget);
+        if self.body.is_none() {
+            return Some(Parsed::Request(head, Vec::new()));
+        }
+        self.head = Some(head);
+        Some(Parsed::Head)
+    }
+
+    /// The body is complete: the request.
+    fn finish(&mut self) -> Option<Parsed> {
+        let body = self
+            .body
+            .take()
+            .map(|mut d| d.body.take())
+            .unwrap_or_default();
+        self.head.take().map(|head| Parsed::Request(head, body))
     }
 }
 
@@ -544,7 +1117,11 @@ pub fn error_response(e: &HttpError) -> Vec<u8> {
     response(
         e.status(),
         "application/json",
-        "",
+        if *e == HttpError::Busy {
+            "Retry-After: 1\r\n"
+        } else {
+            ""
+        },
         &detail_json(&e.to_string()),
         false,
         false,
@@ -595,7 +1172,7 @@ mod tests {
     #[test]
     fn reader_yields_pipelined_requests_in_any_split() {
         let mut wire = POST.to_vec();
-        wire.extend_from_slice(b"GET /health HTTP/1.1\r\n\r\n");
+        wire.extend_from_slice(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
         for split in 0..wire.len() {
             let mut r = Reader::default();
             let mut got = Vec::new();
@@ -656,33 +1233,34 @@ mod tests {
     fn refuses_smuggling_and_garbage() {
         let table: &[(&[u8], u16)] = &[
             (
-                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
                 400,
             ),
             (
-                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
                 400,
             ),
-            (b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n", 400),
             (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 400,
             ),
             (
-                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
                 400,
             ),
-            (b"POST / HTTP/1.1\r\nContent-Length: 70000\r\n\r\n", 413),
-            (b"GET / HTTP/1.1\r\nExpect: something\r\n\r\n", 417),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n", 413),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: something\r\n\r\n", 417),
             (b"GET / HTTP/2.0\r\n\r\n", 400),
             (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
-            (b"GET /\x00 HTTP/1.1\r\n\r\n", 400),
+            (b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         ];
         for (req, status) in table {
             let e = parse_head(req).unwrap_err();
             assert_eq!(e.status(), *status, "{}: {e}", String::from_utf8_lossy(req));
         }
-        let same_twice = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
+        let same_twice =
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
         assert_eq!(
             parse_head(same_twice).unwrap().unwrap().body,
             BodyFraming::Length(3)
@@ -699,10 +1277,10 @@ mod tests {
 
     #[test]
     fn head_size_limit() {
-        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_HEAD));
         assert_eq!(parse_head(&big), Err(HttpError::HeadersTooLarge));
-        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        let mut many = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
         for i in 0..=MAX_HEADERS {
             many.extend(format!("X-{i}: y\r\n").bytes());
         }
@@ -713,8 +1291,10 @@ mod tests {
     #[test]
     fn keep_alive_rules() {
         let ka = |req: &[u8]| parse_head(req).unwrap().unwrap().keep_alive;
-        assert!(ka(b"GET / HTTP/1.1\r\n\r\n"));
-        assert!(!ka(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(ka(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(!ka(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ));
         assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
         assert!(ka(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
     }
@@ -728,5 +1308,238 @@ mod tests {
         assert!(!authorized(Some(b"abc"), "abc"));
         assert!(!authorized(None, "abc"));
         assert!(!authorized(Some(b"Token "), "abc"));
+    }
+
+    /// Feeds `wire` one byte per poll until the reader answers or the bytes run out; returns
+    /// the outcome, the bytes fed and the reader's work.
+    /// The outcome is the decoded body's length.
+    fn trickle(wire: &[u8]) -> (Result<Option<usize>, HttpError>, usize, u64) {
+        let mut r = Reader::default();
+        let mut fed = 0;
+        for b in wire.chunks(1) {
+            r.push(b);
+            fed += 1;
+            match r.poll() {
+                Ok(None) | Ok(Some(Parsed::Head)) => {}
+                Ok(Some(Parsed::Request(_, body))) => return (Ok(Some(body.len())), fed, r.work()),
+                Err(e) => return (Err(e), fed, r.work()),
+            }
+        }
+        (Ok(None), fed, r.work())
+    }
+
+    const CHUNKED_HEAD: &[u8] = b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\n\
+        Transfer-Encoding: chunked\r\n\r\n";
+
+    #[test]
+    fn parsing_work_is_linear_in_the_bytes_however_they_are_split() {
+        // 84 KB of one-byte chunks, one byte per read: the wire limit ends it with 413.
+        let mut body = CHUNKED_HEAD.to_vec();
+        for _ in 0..14_000 {
+            body.extend_from_slice(b"1\r\nx\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        let (out, fed, work) = trickle(&body);
+        assert_eq!(out, Err(HttpError::PayloadTooLarge));
+        assert!(fed > MAX_CHUNKED_WIRE, "{fed}");
+        assert!(
+            work <= 4 * fed as u64,
+            "{work} units of work for {fed} bytes"
+        );
+
+        // The same body a little shorter is read whole, with the same work per byte.
+        let mut ok = CHUNKED_HEAD.to_vec();
+        for _ in 0..13_000 {
+            ok.extend_from_slice(b"1\r\nx\r\n");
+        }
+        ok.extend_from_slice(b"0\r\n\r\n");
+        let (out, fed, work) = trickle(&ok);
+        assert_eq!(out, Ok(Some(13_000)));
+        assert!(
+            work <= 4 * fed as u64,
+            "{work} units of work for {fed} bytes"
+        );
+
+        // An endless trailer line: 431 at the trailer limit.
+        let mut trailer = CHUNKED_HEAD.to_vec();
+        trailer.extend_from_slice(b"0\r\nX-Trailer: ");
+        trailer.extend(std::iter::repeat_n(b'a', 80_000));
+        let (out, fed, work) = trickle(&trailer);
+        assert_eq!(out, Err(HttpError::HeadersTooLarge));
+        assert!(fed < CHUNKED_HEAD.len() + MAX_TRAILERS + 16, "{fed}");
+        assert!(
+            work <= 4 * fed as u64,
+            "{work} units of work for {fed} bytes"
+        );
+
+        // A long chunk extension: 400 at the chunk-line limit.
+        let mut ext = CHUNKED_HEAD.to_vec();
+        ext.extend_from_slice(b"1;name=");
+        ext.extend(std::iter::repeat_n(b'v', 80_000));
+        let (out, fed, work) = trickle(&ext);
+        assert_eq!(out, Err(HttpError::BadRequest("chunk extension too long")));
+        assert!(fed <= CHUNKED_HEAD.len() + MAX_CHUNK_LINE + 1, "{fed}");
+        assert!(
+            work <= 4 * fed as u64,
+            "{work} units of work for {fed} bytes"
+        );
+
+        // A head that never ends: 431 at the head limit.
+        let mut head = b"GET /health HTTP/1.1\r\nX-Long: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', 80_000));
+        let (out, fed, work) = trickle(&head);
+        assert_eq!(out, Err(HttpError::HeadersTooLarge));
+        assert!(fed <= MAX_HEAD + 1, "{fed}");
+        assert!(
+            work <= 4 * fed as u64,
+            "{work} units of work for {fed} bytes"
+        );
+
+        // A Content-Length body, one byte per read.
+        let mut cl = b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\n\
+            Content-Length: 60000\r\n\r\n"
+            .to_vec();
+        cl.extend(std::iter::repeat_n(b' ', 60_000));
+        let (out, fed, work) = trickle(&cl);
+        assert_eq!(out, Ok(Some(60_000)));
+        assert!(
+            work <= 4 * fed as u64,
+            "{work} units of work for {fed} bytes"
+        );
+    }
+
+    #[test]
+    fn input_fed_from_the_callers_buffer_is_copied_only_when_incomplete() {
+        let one = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+        let wire: Vec<u8> = one.repeat(100);
+        let mut r = Reader::default();
+        let mut input = &wire[..wire.len() - 5];
+        let mut n = 0;
+        while let Some(p) = r.feed(&mut input).unwrap() {
+            assert!(matches!(p, Parsed::Request(..)));
+            // Complete requests are parsed in place: nothing is buffered.
+            assert_eq!(r.footprint(), 0);
+            n += 1;
+        }
+        assert_eq!(n, 99);
+        assert!(input.is_empty());
+        // The incomplete tail is kept, and completed by the next read.
+        assert_eq!(r.buffered(), one.len() - 5);
+        let mut rest = &wire[wire.len() - 5..];
+        assert!(matches!(r.feed(&mut rest), Ok(Some(Parsed::Request(..)))));
+        assert!(r.is_idle() && r.footprint() == 0);
+    }
+
+    #[test]
+    fn buffers_count_against_the_budget_and_are_given_back() {
+        let budget = Budget::new(40_000);
+        let post = |n: usize| {
+            let mut v = format!(
+                "POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n"
+            )
+            .into_bytes();
+            v.extend(std::iter::repeat_n(b' ', n));
+            v
+        };
+        let mut a = Reader::new(&budget);
+        let wire = post(30_000);
+        let mut input = &wire[..20_000];
+        assert_eq!(a.feed(&mut input), Ok(Some(Parsed::Head)));
+        assert_eq!(a.feed(&mut input), Ok(None));
+        assert!(budget.used() >= 20_000 - 100 && budget.used() <= 30_000);
+        // A second reader cannot take what is left.
+        let mut b = Reader::new(&budget);
+        let wire_b = post(30_000);
+        let mut input = &wire_b[..];
+        assert_eq!(b.feed(&mut input), Ok(Some(Parsed::Head)));
+        assert_eq!(b.feed(&mut input), Err(HttpError::Busy));
+        assert_eq!(b.footprint(), 0);
+        // The first completes, and everything comes back.
+        let mut input = &wire[20_000..];
+        assert!(
+            matches!(a.feed(&mut input), Ok(Some(Parsed::Request(_, body))) if body.len() == 30_000)
+        );
+        assert_eq!(budget.used(), 0);
+        let mut c = Reader::new(&budget);
+        c.push(&wire[..100]);
+        assert!(budget.used() > 0);
+        drop(c);
+        assert_eq!(budget.used(), 0);
+        assert_eq!(http_error_head(&error_response(&HttpError::Busy)), 503);
+        assert!(
+            String::from_utf8_lossy(&error_response(&HttpError::Busy))
+                .contains("Retry-After: 1\r\n")
+        );
+    }
+
+    fn http_error_head(resp: &[u8]) -> u16 {
+        String::from_utf8_lossy(resp)
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn http_details() {
+        let head = |req: &[u8]| parse_head(req);
+        // A later HTTP/1.x is read as 1.1.
+        let h = head(b"GET /health HTTP/1.2\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.minor, h.route), (1, Route::Readiness));
+        assert_eq!(
+            head(b"GET /health HTTP/1.2\r\n\r\n").unwrap_err().status(),
+            400
+        );
+        // Absolute-form targets are routed by their path.
+        let h = head(b"GET http://sse.example:8000/sse/environments/k/stream?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.route, Route::Stream("k".into()));
+        assert_eq!(Route::parse("HTTPS://h"), Route::NotFound);
+        assert_eq!(Route::parse("http://h/metrics"), Route::Metrics);
+        // Exactly one Host in HTTP/1.1; none needed in 1.0.
+        assert_eq!(
+            head(b"GET /health HTTP/1.1\r\n\r\n").unwrap_err().status(),
+            400
+        );
+        assert_eq!(
+            head(b"GET /health HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert!(head(b"GET /health HTTP/1.0\r\n\r\n").unwrap().is_some());
+        // The asterisk form, for OPTIONS only.
+        let h = head(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.route, Route::Asterisk);
+        assert_eq!(
+            head(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused_before_the_head_ends() {
+        for (bytes, status) in [
+            (&b"\x16\x03\x01\x02\x00"[..], 400),
+            (b"\x00\x01 hello", 400),
+            (b"GET /health\r\n", 400),
+            (b"PRI * HTTP/2.0\r\n", 400),
+        ] {
+            let mut r = Reader::default();
+            r.push(bytes);
+            assert_eq!(r.poll().map_err(|e| e.status()), Err(status), "{bytes:?}");
+        }
+        let mut r = Reader::default();
+        r.push(b"\r\n\r\nGET /health HTTP/1.1\r\nHo");
+        assert_eq!(r.poll(), Ok(None));
+        r.push(b"st: x\r\n\r\n");
+        assert!(matches!(r.poll(), Ok(Some(Parsed::Request(..)))));
     }
 }

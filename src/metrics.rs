@@ -59,16 +59,22 @@ pub enum Rejection {
     Timeout,
     /// A request that could not be parsed or was too large.
     BadRequest,
+    /// A subscriber that sent more than it may after its request.
+    StreamInput,
+    /// A request refused because buffering it would pass `MAX_BUFFERED_REQUEST_BYTES`.
+    RequestBudget,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 6] = [
+    const ALL: [Rejection; 8] = [
         Rejection::MaxConnections,
         Rejection::NoDescriptors,
         Rejection::StoreUnavailable,
         Rejection::Stalled,
         Rejection::Timeout,
         Rejection::BadRequest,
+        Rejection::StreamInput,
+        Rejection::RequestBudget,
     ];
 
     fn label(self) -> &'static str {
@@ -79,6 +85,8 @@ impl Rejection {
             Rejection::Stalled => "stalled",
             Rejection::Timeout => "timeout",
             Rejection::BadRequest => "bad_request",
+            Rejection::StreamInput => "stream_input",
+            Rejection::RequestBudget => "request_budget",
         }
     }
 }
@@ -126,7 +134,7 @@ pub struct Metrics {
     /// Keep-alive comments written since start.
     pub pings_sent_total: u64,
     queue_changes: [u64; 5],
-    rejected: [u64; 6],
+    rejected: [u64; Rejection::ALL.len()],
     fetches: [u64; 3],
     fanout_counts: [u64; FANOUT_BUCKETS.len()],
     fanout_count: u64,

@@ -123,7 +123,7 @@ fn request_not_complete_in_time_gets_408_and_is_closed() {
     let stop2 = stop.clone();
     let t0 = Instant::now();
     let trickler = std::thread::spawn(move || {
-        let line = b"GET /health HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let line = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
         for b in line {
             if stop2.load(Ordering::SeqCst) || w.write_all(&[*b]).is_err() {
                 return;
@@ -180,7 +180,7 @@ fn a_thousand_trickling_clients_do_not_delay_events() {
     let trickler = {
         let (stop, rounds) = (stop.clone(), rounds.clone());
         std::thread::spawn(move || {
-            let line = b"GET /health HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            let line = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
             let mut socks = socks;
             let started = Instant::now();
             // One byte a second for each, sent in ten slices per second.
@@ -268,7 +268,7 @@ fn oversized_and_malformed_requests_get_their_status_and_a_graceful_close() {
         }
         v
     };
-    let mut many_headers = b"GET /health HTTP/1.1\r\n".to_vec();
+    let mut many_headers = b"GET /health HTTP/1.1\r\nHost: t\r\n".to_vec();
     for i in 0..100 {
         many_headers.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
     }
@@ -293,12 +293,12 @@ fn oversized_and_malformed_requests_get_their_status_and_a_graceful_close() {
         ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), 400),
         (
             "Content-Length and Transfer-Encoding",
-            b"POST /sse/environments/k/queue-change HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
             400,
         ),
         (
             "a malformed chunk size",
-            format!("POST /sse/environments/k/queue-change HTTP/1.1\r\nAuthorization: Token {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").into_bytes(),
+            format!("POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").into_bytes(),
             400,
         ),
         (
@@ -336,7 +336,7 @@ fn refused_connections_release_their_buffers() {
     let fds0 = settled_fds(&server);
     let hostile = |i: usize| -> Vec<u8> {
         if i.is_multiple_of(2) {
-            let mut v = b"GET /health HTTP/1.1\r\nX-Big: ".to_vec();
+            let mut v = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
             v.extend(std::iter::repeat_n(b'a', 60 * 1024));
             v
         } else {
@@ -402,14 +402,14 @@ fn hostile_bytes_never_crash_or_stall_the_server() {
         "POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nContent-Length: 26\r\n\r\n{{\"updated_at\": 1700000000}}"
     );
     let chunked = format!(
-        "POST /sse/environments/k/queue-change HTTP/1.1\r\nAuthorization: Token {TOKEN}\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n5\r\n{{\"upd\r\n15\r\nated_at\": 1700000001}}\r\n0\r\n\r\n"
+        "POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n5\r\n{{\"upd\r\n15\r\nated_at\": 1700000001}}\r\n0\r\n\r\n"
     );
     let templates: Vec<Vec<u8>> = vec![
         post.into_bytes(),
         chunked.into_bytes(),
         stream_request("k").into_bytes(),
-        b"GET /metrics HTTP/1.1\r\n\r\nGET /health HTTP/1.0\r\n\r\n".to_vec(),
-        b"OPTIONS /sse/environments/k/stream HTTP/1.1\r\nAccess-Control-Request-Headers: x\r\n\r\n"
+        b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\nGET /health HTTP/1.0\r\n\r\n".to_vec(),
+        b"OPTIONS /sse/environments/k/stream HTTP/1.1\r\nHost: t\r\nAccess-Control-Request-Headers: x\r\n\r\n"
             .to_vec(),
     ];
     let specials: &[u8] = b"\r\n\0\xff: ;0123456789abcdefxX{}\"\\-.+";
@@ -811,7 +811,7 @@ fn max_connections_is_enforced_with_503() {
     assert!(
         wait_until(Duration::from_secs(2), || {
             let mut s = TcpStream::connect(server.addr).unwrap();
-            s.write_all(b"GET /health/liveness/ HTTP/1.1\r\nConnection: close\r\n\r\n")
+            s.write_all(b"GET /health/liveness/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
                 .unwrap();
             read_response(&mut s).status == 200
         }),
@@ -897,8 +897,10 @@ fn half_closed_clients_are_answered_and_released() {
     let mut watcher = Subscriber::connect(server.addr, "k");
     // Requests followed by FIN are still answered, pipelined ones too.
     let mut s = TcpStream::connect(server.addr).unwrap();
-    s.write_all(b"GET /health/liveness/ HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        b"GET /health/liveness/ HTTP/1.1\r\nHost: t\r\n\r\nGET /health HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     let r1 = read_response(&mut s);
     let r2 = read_response(&mut s);
@@ -909,7 +911,7 @@ fn half_closed_clients_are_answered_and_released() {
     let mut s = TcpStream::connect(server.addr).unwrap();
     s.write_all(
         format!(
-            "POST /sse/environments/k/queue-change HTTP/1.1\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),
@@ -949,13 +951,13 @@ fn a_queue_change_whose_client_vanished_is_still_stored_and_delivered() {
     for i in 0..N {
         let mut s = TcpStream::connect(server.addr).unwrap();
         // One exchange first, so that the server has the connection before it vanishes.
-        s.write_all(b"GET /health/liveness/ HTTP/1.1\r\n\r\n")
+        s.write_all(b"GET /health/liveness/ HTTP/1.1\r\nHost: t\r\n\r\n")
             .unwrap();
         assert_eq!(read_response(&mut s).status, 200);
         let body = update_body(BASE + i);
         s.write_all(
             format!(
-                "POST /sse/environments/gone-{i}/queue-change HTTP/1.1\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /sse/environments/gone-{i}/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
             .as_bytes(),

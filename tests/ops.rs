@@ -195,6 +195,8 @@ fn metrics_after_known_activity_are_exact() {
         "stalled",
         "timeout",
         "bad_request",
+        "stream_input",
+        "request_budget",
     ] {
         let k = format!("flagsmith_sse_connections_rejected_total{{reason=\"{reason}\"}}");
         set(&mut want, &k, 0.0);

@@ -99,7 +99,7 @@ fn request() -> impl Strategy<Value = Req> {
         )
 }
 
-/// Feeds `pieces` to a reader, polling after each; returns the requests and the first error.
+/// Hands `pieces` to a reader, polling after each; returns the requests and the first error.
 fn read_all<'a>(
     pieces: impl IntoIterator<Item = &'a [u8]>,
 ) -> (Vec<Parsed>, Option<HttpError>, bool) {
@@ -112,6 +112,38 @@ fn read_all<'a>(
                 Ok(Some(p @ Parsed::Request(..))) => got.push(p),
                 Ok(Some(Parsed::Head)) => {}
                 Ok(None) => break,
+                Err(e) => return (got, Some(e), false),
+            }
+        }
+    }
+    let idle = r.is_idle();
+    (got, None, idle)
+}
+
+/// Like [`read_all`], the way the server does it: each piece is parsed where it lies
+/// ([`Reader::feed`]), and after every second request the rest of the piece is handed over, as
+/// when a connection must wait (a queue-change at the store) before reading on.
+fn feed_all<'a>(
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> (Vec<Parsed>, Option<HttpError>, bool) {
+    let mut r = Reader::default();
+    let mut got = Vec::new();
+    for piece in pieces {
+        let mut input = piece;
+        loop {
+            match r.feed(&mut input) {
+                Ok(Some(p @ Parsed::Request(..))) => {
+                    got.push(p);
+                    if got.len() % 2 == 1 {
+                        r.push(input);
+                        input = &[];
+                    }
+                }
+                Ok(Some(Parsed::Head)) => {}
+                Ok(None) => {
+                    assert!(input.is_empty(), "input left over without a request");
+                    break;
+                }
                 Err(e) => return (got, Some(e), false),
             }
         }
@@ -149,6 +181,10 @@ proptest! {
         prop_assert_eq!(err, None);
         prop_assert!(idle);
         prop_assert_eq!(&split, &whole);
+        let (fed, err, idle) = feed_all(pieces.iter().copied());
+        prop_assert_eq!(err, None);
+        prop_assert!(idle);
+        prop_assert_eq!(&fed, &whole);
 
         // A proper prefix is never an error and never more requests than it holds.
         for &cut in &at[..at.len() - 1] {
@@ -164,6 +200,10 @@ proptest! {
         let (bytes, err, idle) = read_all(req.wire.chunks(1));
         prop_assert_eq!(err, None);
         prop_assert!(idle);
-        prop_assert_eq!(bytes, whole);
+        prop_assert_eq!(&bytes, &whole);
+        let (fed, err, idle) = feed_all(req.wire.chunks(1));
+        prop_assert_eq!(err, None);
+        prop_assert!(idle);
+        prop_assert_eq!(fed, whole);
     }
 }

@@ -22,7 +22,8 @@ fn graceful_shutdown(signal: &str) {
     let mut crowd = Crowd::connect(server.addr, "k", STREAMS);
     let mut old = Subscriber::connect_version(server.addr, "k", "1.0");
     let mut idle = TcpStream::connect(server.addr).unwrap();
-    idle.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
     assert_eq!(read_response(&mut idle).status, 200);
     // A queue-change whose body is still arriving when the signal comes.
     let body = update_body(BASE + 1);
@@ -31,7 +32,7 @@ fn graceful_shutdown(signal: &str) {
     inflight
         .write_all(
             format!(
-                "POST /sse/environments/k/queue-change HTTP/1.1\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{first}",
+                "POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{first}",
                 body.len()
             )
             .as_bytes(),

@@ -26,6 +26,7 @@ fn route_path(route: &Route) -> String {
         Route::Readiness => "/health/readiness/".to_owned(),
         Route::Metrics => "/metrics".to_owned(),
         Route::AdminEnvironments => "/admin/environments".to_owned(),
+        Route::Asterisk => "*".to_owned(),
         Route::NotFound => "(unknown)".to_owned(),
     }
 }

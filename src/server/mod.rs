@@ -49,6 +49,10 @@ const MAX_READS_PER_TURN: usize = 16;
 const MAX_STEPS_PER_TURN: usize = 64;
 /// Size of the one read buffer shared by all connections.
 const SCRATCH_SIZE: usize = 64 * 1024;
+/// Input a subscriber may send after its request before it is disconnected.
+const MAX_STREAM_INPUT: usize = 4 * 1024;
+/// Responses gathered from one read of pipelined requests before they are written.
+const MAX_GATHERED_OUTPUT: usize = 64 * 1024;
 /// Time a closing connection gets to take its response and hang up (ms).
 const LINGER_MS: u64 = 2_000;
 /// Send buffer of stream sockets: events are tiny, and a small buffer makes a stalled reader
@@ -152,6 +156,8 @@ pub struct Server {
     store_ready: bool,
     clock: Instant,
     scratch: Vec<u8>,
+    /// The budget every connection's request buffers count against.
+    budget: http::Budget,
     /// Connections with work left over from a capped turn: (token, serial).
     revisit: Vec<(usize, u64)>,
     /// Queue-change writes parsed in this turn, handed to the helper together at its end so
@@ -264,6 +270,7 @@ impl Server {
         // The embedded store lives in this process and cannot be unavailable: ready at once,
         // rather than answering 503 to probes that arrive before the first fetch returns.
         let store_ready = cfg.store == StoreConfig::Embedded;
+        let budget = http::Budget::new(cfg.max_buffered_request_bytes);
         Ok(Server {
             cfg: Arc::new(cfg),
             poll,
@@ -291,6 +298,7 @@ impl Server {
             store_ready,
             clock: Instant::now(),
             scratch: vec![0; SCRATCH_SIZE],
+            budget,
             revisit: Vec::new(),
             pending_writes: Vec::new(),
             writes: HashMap::new(),
@@ -494,7 +502,8 @@ impl Server {
             serial,
             timer_at: u64::MAX,
             readable: true,
-            state: State::Http(Box::new(Http::new(deadline))),
+            stray_input: 0,
+            state: State::Http(Box::new(Http::new(deadline, &self.budget))),
         });
         self.schedule(token, deadline);
         self.drive(token);
@@ -654,7 +663,8 @@ impl Server {
         }
     }
 
-    /// Reads and drops whatever a subscriber sends; EOF or an error ends the stream.
+    /// Reads and drops what a subscriber sends; EOF or an error ends the stream, and so does
+    /// more than [`MAX_STREAM_INPUT`] bytes (a stream client has nothing more to say).
     fn discard_input(&mut self, token: usize) {
         let Some(c) = self.conns.get_mut(token) else {
             return;
@@ -664,7 +674,17 @@ impl Server {
                 return;
             }
             match conn::read_nb(&mut c.sock, &mut self.scratch) {
-                (_, Io::Done) => {}
+                (n, Io::Done) => {
+                    c.stray_input = c.stray_input.saturating_add(n);
+                    if c.stray_input > MAX_STREAM_INPUT {
+                        debug!(
+                            "closing a stream whose client sent {} bytes after its request",
+                            c.stray_input
+                        );
+                        self.metrics.reject(Rejection::StreamInput);
+                        return self.close(token, Why::Peer);
+                    }
+                }
                 (_, Io::WouldBlock) => c.readable = false,
                 (_, Io::Closed) => return self.close(token, Why::Peer),
                 (_, Io::Error(e)) => return self.stream_failed(token, &e),

@@ -6,30 +6,44 @@ impl Server {
     /// Answers a refused request and closes the connection.
     pub(super) fn fail(&mut self, token: usize, e: &HttpError) {
         debug!("refusing a request: {e}");
-        if matches!(
-            e,
-            HttpError::BadRequest(_) | HttpError::HeadersTooLarge | HttpError::VersionNotSupported
-        ) {
-            self.metrics.reject(Rejection::BadRequest);
+        match e {
+            HttpError::BadRequest(_)
+            | HttpError::HeadersTooLarge
+            | HttpError::VersionNotSupported => self.metrics.reject(Rejection::BadRequest),
+            HttpError::Busy => self.metrics.reject(Rejection::RequestBudget),
+            _ => {}
         }
+        self.refuse(token, &http::error_response(e));
+    }
+
+    /// Answers with `response` (after anything already queued) and closes the connection.
+    fn refuse(&mut self, token: usize, response: &[u8]) {
         let mut out = Vec::new();
         if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
             // Anything already queued (an earlier pipelined response) goes first.
             out = std::mem::take(&mut h.out);
             out.drain(..h.out_pos.min(out.len()));
         }
-        out.extend_from_slice(&http::error_response(e));
+        out.extend_from_slice(response);
         self.linger(token, out);
     }
 
+    /// Works through a connection's requests: reads, parses, answers, until it must wait.
+    ///
+    /// Bytes are read into the shared scratch buffer and parsed there; only what is left over
+    /// when the connection must wait (a partial head, input behind a queue-change at the store)
+    /// is copied into the connection's reader. The responses to the requests of one read are
+    /// gathered and written together.
     pub(super) fn drive_http(&mut self, token: usize, now: u64) {
+        // The part of `self.scratch` read for this connection and not parsed yet.
+        let mut input = 0..0;
         for _ in 0..MAX_STEPS_PER_TURN {
             let Some(c) = self.conns.get_mut(token) else {
                 return;
             };
-            let step = http_step(c, &mut self.scratch);
+            let step = http_step(c, &mut self.scratch, &mut input);
             match step {
-                Step::Wait => return,
+                Step::Wait => return self.keep_input(token, input),
                 Step::Again => {
                     if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
                         h.started.get_or_insert(now);
@@ -43,47 +57,112 @@ impl Server {
                     }
                     return self.fail(token, &e);
                 }
-                Step::Head => self.check_head(token),
+                Step::Head => self.check_head(token, input.len()),
                 Step::Request(head, body) => {
                     self.dispatch(token, &head, &body, now);
                     let timeout = ms(self.cfg.request_timeout);
                     let closing = self.shutdown_at.is_some();
-                    if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
-                        h.served += 1;
-                        h.continued = false;
-                        h.deadline = now + timeout;
-                        if !head.keep_alive || closing {
-                            h.close_after = true;
+                    match self.conns.get_mut(token) {
+                        Some(Conn {
+                            state: State::Http(h),
+                            ..
+                        }) => {
+                            h.served += 1;
+                            h.continued = false;
+                            h.deadline = now + timeout;
+                            if !head.keep_alive || closing {
+                                h.close_after = true;
+                            }
+                            if !h.awaiting_store {
+                                self.schedule(token, now + timeout);
+                            }
                         }
-                        if !h.awaiting_store {
-                            self.schedule(token, now + timeout);
+                        Some(
+                            c @ Conn {
+                                state: State::Stream(_),
+                                ..
+                            },
+                        ) => {
+                            // Pipelined after a subscription: the stream's first stray input.
+                            c.stray_input = input.len();
+                            input = 0..0;
                         }
+                        _ => {}
                     }
                 }
             }
         }
+        self.keep_input(token, input);
         if let Some(c) = self.conns.get(token) {
             self.revisit.push((token, c.serial));
         }
     }
 
-    /// A head arrived and its body has not: refuse early what will be refused anyway, and
-    /// send `100 Continue` when the client waits for it.
-    pub(super) fn check_head(&mut self, token: usize) {
+    /// Hands input read but not parsed to the connection's reader, before the scratch buffer
+    /// is used for another connection.
+    fn keep_input(&mut self, token: usize, input: std::ops::Range<usize>) {
+        if input.is_empty() {
+            return;
+        }
+        if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
+            h.reader.push(self.scratch.get(input).unwrap_or(&[]));
+        }
+    }
+
+    /// A head announcing a body arrived and its body has not been read: refuse at once what
+    /// is refused anyway (a body where none is expected, a queue-change without the right
+    /// token), and send `100 Continue` when the client waits for it. `arrived` is how many
+    /// bytes after the head are at hand besides those the reader holds.
+    pub(super) fn check_head(&mut self, token: usize, arrived: usize) {
         let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) else {
             return;
         };
         let Some(head) = &h.reader.head else { return };
-        // Only a body still to come is worth refusing early; a complete request is answered in
-        // `dispatch`, and the connection stays usable.
-        if head.body == BodyFraming::None || h.reader.has_buffered() {
+        // Whether the whole body is already at hand (then reading it costs nothing more).
+        let arrived = arrived + h.reader.buffered();
+        let at_hand = matches!(head.body, BodyFraming::Length(n) if arrived >= n);
+        let queue_change = matches!(
+            (&head.route, head.method),
+            (Route::QueueChange(_), Method::Post)
+        );
+        if !queue_change {
+            // A body where none is expected. A wrong target or method is answered with 404 or
+            // 405 as usual, after the body if it is all here already (the connection stays
+            // usable); otherwise the body is not read: 404, 405 or 400, and the connection is
+            // closed.
+            let json = |status: u16, extra: &str, detail: &str| {
+                http::response(
+                    status,
+                    "application/json",
+                    extra,
+                    &http::detail_json(detail),
+                    false,
+                    false,
+                )
+            };
+            let refusal = if head.route == Route::NotFound {
+                json(404, "", "not found")
+            } else if !head.route.allows(head.method) {
+                json(
+                    405,
+                    &format!("Allow: {}\r\n", head.route.allow()),
+                    "method not allowed",
+                )
+            } else {
+                self.metrics.reject(Rejection::BadRequest);
+                let refusal = json(400, "", "a request body is accepted only on a queue-change");
+                return self.refuse(token, &refusal);
+            };
+            if !at_hand {
+                self.refuse(token, &refusal);
+            }
             return;
         }
-        if let (Route::QueueChange(_), Method::Post) = (&head.route, head.method)
-            && !http::authorized(head.authorization.as_deref(), &self.cfg.token.0)
-        {
+        if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) && !at_hand {
+            // A complete request is answered in `dispatch`, and the connection stays usable;
+            // one whose body is still to come is refused before the body is read.
             self.metrics.queue_change(QueueResult::Unauthorized);
-            return self.linger(token, unauthorized(false));
+            return self.refuse(token, &unauthorized(false));
         }
         if head.expect_continue && !h.continued {
             h.continued = true;
@@ -106,6 +185,14 @@ impl Server {
         };
         let out = match (&head.route, head.method) {
             (Route::NotFound, _) => json(404, "", &http::detail_json("not found")),
+            (Route::Asterisk, _) => http::response(
+                200,
+                "text/plain",
+                &format!("Allow: {}\r\n", head.route.allow()),
+                b"",
+                keep_alive,
+                true,
+            ),
             (route, Method::Options) => {
                 let allow_headers = head
                     .cors_request_headers
@@ -268,11 +355,39 @@ enum Step {
     Close(Why),
 }
 
-/// One step of an HTTP connection: flush output, parse what is buffered, or read more.
-fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
+/// One step of an HTTP connection: parse the input at hand, write the responses gathered, or
+/// read more. `input` is the part of `scratch` not parsed yet.
+fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize>) -> Step {
     let State::Http(h) = &mut c.state else {
         return Step::Wait;
     };
+    if h.awaiting_store || h.close_after || h.pending_output() >= MAX_GATHERED_OUTPUT {
+        match h.flush(&mut c.sock) {
+            Io::Done => {}
+            Io::WouldBlock => return Step::Wait,
+            Io::Closed => return Step::Close(Why::Peer),
+            Io::Error(e) => {
+                debug!("write: {e}");
+                return Step::Close(Why::Error);
+            }
+        }
+        if h.awaiting_store {
+            return Step::Wait;
+        }
+        if h.close_after {
+            return Step::Finish;
+        }
+    }
+    let mut rest = scratch.get(input.clone()).unwrap_or(&[]);
+    let parsed = h.reader.feed(&mut rest);
+    input.start = input.end - rest.len();
+    match parsed {
+        Err(e) => return Step::Fail(e),
+        Ok(Some(Parsed::Head)) => return Step::Head,
+        Ok(Some(Parsed::Request(head, body))) => return Step::Request(head, body),
+        Ok(None) => {}
+    }
+    // Everything at hand is parsed: write the responses to it in one go, then read more.
     match h.flush(&mut c.sock) {
         Io::Done => {}
         Io::WouldBlock => return Step::Wait,
@@ -282,24 +397,12 @@ fn http_step(c: &mut Conn, scratch: &mut [u8]) -> Step {
             return Step::Close(Why::Error);
         }
     }
-    if h.awaiting_store {
-        return Step::Wait;
-    }
-    if h.close_after {
-        return Step::Finish;
-    }
-    match h.reader.poll() {
-        Err(e) => return Step::Fail(e),
-        Ok(Some(Parsed::Head)) => return Step::Head,
-        Ok(Some(Parsed::Request(head, body))) => return Step::Request(head, body),
-        Ok(None) => {}
-    }
     if !c.readable {
         return Step::Wait;
     }
     match conn::read_nb(&mut c.sock, scratch) {
         (n, Io::Done) => {
-            h.reader.push(&scratch[..n]);
+            *input = 0..n;
             Step::Again
         }
         (_, Io::WouldBlock) => {
