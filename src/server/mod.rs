@@ -49,6 +49,11 @@ const MAX_READS_PER_TURN: usize = 16;
 const MAX_STEPS_PER_TURN: usize = 64;
 /// Size of the one read buffer shared by all connections.
 const SCRATCH_SIZE: usize = 64 * 1024;
+/// Allocations this large or larger (request bodies being read) get pages of their own from
+/// glibc, which go back to the system when they are freed: memory taken by a wave of large
+/// requests is returned once they are done, instead of staying in a fragmented heap.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 32 * 1024;
 /// Input a subscriber may send after its request before it is disconnected.
 const MAX_STREAM_INPUT: usize = 4 * 1024;
 /// Responses gathered from one read of pipelined requests before they are written.
@@ -212,6 +217,11 @@ pub fn open_store(
 impl Server {
     /// Binds the listener, raises the open-file limit and starts the store helper.
     pub fn new(cfg: Config) -> io::Result<Server> {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt changes the allocator's tuning only; it takes the allocator's lock.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        }
         let nofile = sys::raise_nofile_limit().unwrap_or(1024);
         let reserved = RESERVED_FDS.min((nofile / 4).max(MIN_RESERVED_FDS));
         let derived = nofile.saturating_sub(reserved).max(1) as usize;
@@ -666,23 +676,17 @@ impl Server {
     /// Reads and drops what a subscriber sends; EOF or an error ends the stream, and so does
     /// more than [`MAX_STREAM_INPUT`] bytes (a stream client has nothing more to say).
     fn discard_input(&mut self, token: usize) {
-        let Some(c) = self.conns.get_mut(token) else {
-            return;
-        };
         for _ in 0..MAX_READS_PER_TURN {
+            let Some(c) = self.conns.get_mut(token) else {
+                return;
+            };
             if !c.readable {
                 return;
             }
             match conn::read_nb(&mut c.sock, &mut self.scratch) {
                 (n, Io::Done) => {
-                    c.stray_input = c.stray_input.saturating_add(n);
-                    if c.stray_input > MAX_STREAM_INPUT {
-                        debug!(
-                            "closing a stream whose client sent {} bytes after its request",
-                            c.stray_input
-                        );
-                        self.metrics.reject(Rejection::StreamInput);
-                        return self.close(token, Why::Peer);
+                    if !self.stray_input(token, n) {
+                        return;
                     }
                 }
                 (_, Io::WouldBlock) => c.readable = false,
@@ -690,8 +694,28 @@ impl Server {
                 (_, Io::Error(e)) => return self.stream_failed(token, &e),
             }
         }
-        let serial = c.serial;
-        self.revisit.push((token, serial));
+        if let Some(c) = self.conns.get(token) {
+            self.revisit.push((token, c.serial));
+        }
+    }
+
+    /// Counts `n` bytes a subscriber sent after its request; past [`MAX_STREAM_INPUT`] the
+    /// stream is closed (and false returned).
+    fn stray_input(&mut self, token: usize, n: usize) -> bool {
+        let Some(c) = self.conns.get_mut(token) else {
+            return false;
+        };
+        c.stray_input = c.stray_input.saturating_add(n);
+        if c.stray_input <= MAX_STREAM_INPUT {
+            return true;
+        }
+        debug!(
+            "closing a stream whose client sent {} bytes after its request",
+            c.stray_input
+        );
+        self.metrics.reject(Rejection::StreamInput);
+        self.close(token, Why::Peer);
+        false
     }
 
     fn drive_closing(&mut self, token: usize) {

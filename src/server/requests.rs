@@ -77,15 +77,16 @@ impl Server {
                                 self.schedule(token, now + timeout);
                             }
                         }
-                        Some(
-                            c @ Conn {
-                                state: State::Stream(_),
-                                ..
-                            },
-                        ) => {
+                        Some(Conn {
+                            state: State::Stream(_),
+                            ..
+                        }) => {
                             // Pipelined after a subscription: the stream's first stray input.
-                            c.stray_input = input.len();
+                            let stray = input.len();
                             input = 0..0;
+                            if !self.stray_input(token, stray) {
+                                return;
+                            }
                         }
                         _ => {}
                     }
