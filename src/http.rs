@@ -1,7 +1,9 @@
 //! HTTP/1.x requests: the head (with httparse), the body's framing, routing, and responses.
 //!
 //! Everything here is a pure function of bytes, so it can be tested and fuzzed without sockets.
-//! "Not yet" is a value (`Ok(None)`), not an error; the caller bounds buffer sizes and time.
+//! "Not yet" is a value (`Ok(None)`), not an error. The [`Reader`] keeps its place between reads
+//! and bounds what it buffers (head, body, chunk lines, trailers, and a process-wide [`Budget`]);
+//! the caller bounds time.
 
 use std::cell::Cell;
 use std::fmt;
@@ -470,7 +472,9 @@ impl Counted {
         if have - len >= extra {
             return Ok(());
         }
-        let want = (len + extra).max(have.saturating_mul(2).min(cap)).max(64);
+        let want = (len + extra)
+            .max(have.saturating_mul(2).min(cap))
+            .max(64.min(cap));
         let used = self.budget.used() - self.counted;
         if used.saturating_add(want) > self.budget.limit() {
             return Err(HttpError::Busy);
