@@ -6,7 +6,7 @@
 //! that closing never resets unread bytes. Methods here report what happened as an [`Io`]
 //! outcome; only the server tears a connection down.
 
-use crate::http::{Budget, Reader};
+use crate::http::{Budget, Head, Reader};
 use crate::sse::{self, Event};
 use crate::timestamp::Micros;
 use mio::net::TcpStream;
@@ -111,6 +111,9 @@ pub struct Http {
     pub continued: bool,
     /// When the current request's first bytes were read (ms), for the access log.
     pub started: Option<u64>,
+    /// A subscription parsed while responses to earlier requests still wait to be written: it
+    /// turns the connection into a stream, so it is taken up only once they are out.
+    pub held: Option<Box<(Head, Vec<u8>)>>,
 }
 
 impl Http {
@@ -126,6 +129,7 @@ impl Http {
             served: 0,
             continued: false,
             started: None,
+            held: None,
         }
     }
 

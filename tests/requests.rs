@@ -377,4 +377,24 @@ fn pipelined_requests_are_answered_in_order_and_together() {
     assert_eq!(r.header("connection"), Some("close"));
     assert!(r.text().contains("flagsmith_sse_subscribers_active"));
     writer.join().unwrap().unwrap();
+
+    // Responses gathered before a subscription in the same read go out before the stream.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    let mut wire = one.repeat(3);
+    wire.extend_from_slice(stream_request("piped").as_bytes());
+    s.write_all(&wire).unwrap();
+    for _ in 0..3 {
+        assert_eq!(read_response(&mut s).status, 200);
+    }
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("stream head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK") && head.contains("text/event-stream"),
+        "{head}"
+    );
 }

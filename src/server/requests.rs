@@ -362,7 +362,8 @@ fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize
     let State::Http(h) = &mut c.state else {
         return Step::Wait;
     };
-    if h.awaiting_store || h.close_after || h.pending_output() >= MAX_GATHERED_OUTPUT {
+    let held = h.held.is_some();
+    if held || h.awaiting_store || h.close_after || h.pending_output() >= MAX_GATHERED_OUTPUT {
         match h.flush(&mut c.sock) {
             Io::Done => {}
             Io::WouldBlock => return Step::Wait,
@@ -371,6 +372,10 @@ fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize
                 debug!("write: {e}");
                 return Step::Close(Why::Error);
             }
+        }
+        if let Some(request) = h.held.take() {
+            let (head, body) = *request;
+            return Step::Request(head, body);
         }
         if h.awaiting_store {
             return Step::Wait;
@@ -385,7 +390,16 @@ fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize
     match parsed {
         Err(e) => return Step::Fail(e),
         Ok(Some(Parsed::Head)) => return Step::Head,
-        Ok(Some(Parsed::Request(head, body))) => return Step::Request(head, body),
+        Ok(Some(Parsed::Request(head, body))) => {
+            if let (Route::Stream(_), Method::Get) = (&head.route, head.method)
+                && h.has_output()
+            {
+                // The responses gathered so far go out before the connection becomes a stream.
+                h.held = Some(Box::new((head, body)));
+                return Step::Again;
+            }
+            return Step::Request(head, body);
+        }
         Ok(None) => {}
     }
     // Everything at hand is parsed: write the responses to it in one go, then read more.
