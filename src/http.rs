@@ -196,6 +196,14 @@ fn absolute_form_path(target: &str) -> Option<&str> {
     Some(rest.find('/').map_or("/", |i| &rest[i..]))
 }
 
+/// Whether `target` has the shape of a queue-change (`/sse/environments/.../queue-change`, its
+/// key valid or not): the one place a request body is expected.
+fn queue_change_target(target: &str) -> bool {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let path = absolute_form_path(path).unwrap_or(path);
+    path.starts_with("/sse/environments/") && path.ends_with("/queue-change")
+}
+
 /// An environment key: `[A-Za-z0-9._-]`, 1 to 128 bytes.
 pub fn valid_key(key: &str) -> bool {
     (1..=128).contains(&key.len())
@@ -372,13 +380,17 @@ fn parse_head_as_is(buf: &[u8]) -> Result<Option<Head>, HttpError> {
             BodyFraming::Chunked
         }
         (Some(0), None) | (None, None) => BodyFraming::None,
-        (Some(n), None) => {
-            if n > MAX_BODY {
-                return Err(HttpError::PayloadTooLarge);
-            }
-            BodyFraming::Length(n)
-        }
+        (Some(n), None) => BodyFraming::Length(n),
     };
+    // A body is read only where one is expected; anywhere else it is refused unread.
+    if body != BodyFraming::None && !(method == Method::Post && queue_change_target(target)) {
+        return Err(HttpError::BadRequest(
+            "a request body is accepted only on a queue-change",
+        ));
+    }
+    if matches!(body, BodyFraming::Length(n) if n > MAX_BODY) {
+        return Err(HttpError::PayloadTooLarge);
+    }
     Ok(Some(Head {
         method,
         route,
@@ -475,7 +487,7 @@ impl Counted {
         let want = (len + extra)
             .max(have.saturating_mul(2).min(cap))
             .max(64.min(cap));
-        let used = self.budget.used() - self.counted;
+        let used = self.budget.used().saturating_sub(self.counted);
         if used.saturating_add(want) > self.budget.limit() {
             return Err(HttpError::Busy);
         }
@@ -505,7 +517,7 @@ impl Counted {
 
     fn sync(&mut self) {
         let now = self.bytes.capacity();
-        let used = self.budget.used() - self.counted + now;
+        let used = self.budget.used().saturating_sub(self.counted) + now;
         self.budget.0.used.set(used);
         self.counted = now;
     }
@@ -513,7 +525,7 @@ impl Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        let used = self.budget.used() - self.counted;
+        let used = self.budget.used().saturating_sub(self.counted);
         self.budget.0.used.set(used);
     }
 }
@@ -1237,14 +1249,14 @@ mod tests {
     fn refuses_smuggling_and_garbage() {
         let table: &[(&[u8], u16)] = &[
             (
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
                 400,
             ),
             (
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
                 400,
             ),
-            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n", 400),
+            (b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n", 400),
             (
                 b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 400,
@@ -1253,7 +1265,13 @@ mod tests {
                 b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
                 400,
             ),
-            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n", 413),
+            (
+                b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n",
+                413,
+            ),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n", 400),
+            (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n", 400),
+            (b"POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: something\r\n\r\n", 417),
             (b"GET / HTTP/2.0\r\n\r\n", 400),
             (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
@@ -1264,7 +1282,7 @@ mod tests {
             assert_eq!(e.status(), *status, "{}: {e}", String::from_utf8_lossy(req));
         }
         let same_twice =
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
+            b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
         assert_eq!(
             parse_head(same_twice).unwrap().unwrap().body,
             BodyFraming::Length(3)

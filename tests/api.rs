@@ -248,7 +248,12 @@ fn unknown_paths_and_invalid_keys_are_404() {
     for target in &targets {
         for method in ["GET", "POST"] {
             let mut s = connect(server.addr);
-            let body = r#"{"updated_at": 1}"#;
+            // A body only where one is expected (a body anywhere else is 400: requests.rs).
+            let body = if method == "POST" && target.ends_with("/queue-change") {
+                r#"{"updated_at": 1}"#
+            } else {
+                ""
+            };
             let raw = format!(
                 "{method} {target} HTTP/1.1\r\nHost: t\r\n{}Content-Length: {}\r\n\r\n{body}",
                 auth(),
@@ -292,10 +297,7 @@ fn wrong_methods_are_405_with_allow() {
     ];
     for (method, target, allowed) in cases {
         let mut s = connect(server.addr);
-        let raw = format!(
-            "{method} {target} HTTP/1.1\r\nHost: t\r\n{}Content-Length: 2\r\n\r\n{{}}",
-            auth()
-        );
+        let raw = format!("{method} {target} HTTP/1.1\r\nHost: t\r\n{}\r\n", auth());
         s.write_all(raw.as_bytes()).unwrap();
         let r = read_response(&mut s);
         assert_eq!(r.status, 405, "{method} {target}: {}", r.text());

@@ -59,11 +59,19 @@ fn a_body_is_refused_unread_wherever_none_is_expected() {
         ),
         (
             "POST /nowhere HTTP/1.1\r\nHost: t\r\nContent-Length: 60000\r\n\r\n",
-            404,
+            400,
         ),
         (
             "POST /metrics HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
-            405,
+            400,
+        ),
+        (
+            "PUT /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n",
+            400,
+        ),
+        (
+            "GET /health HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n",
+            400,
         ),
     ];
     let before = rejected(&server, "bad_request");
@@ -72,13 +80,14 @@ fn a_body_is_refused_unread_wherever_none_is_expected() {
         s.write_all(head.as_bytes()).unwrap();
         let r = read_response(&mut s);
         assert_eq!(r.status, status, "{head:?}: {}", r.text());
+        assert!(r.text().contains("queue-change"), "{head:?}: {}", r.text());
         assert_eq!(r.header("connection"), Some("close"), "{head:?}");
         // Closed without the body: EOF (not a reset) once we stop sending.
         s.shutdown(Shutdown::Write).unwrap();
         let rest = read_to_eof(&mut s, Duration::from_secs(5));
         assert!(matches!(&rest, Ok(v) if v.is_empty()), "{head:?}: {rest:?}");
     }
-    assert_eq!(rejected(&server, "bad_request") - before, 4.0);
+    assert_eq!(rejected(&server, "bad_request") - before, 8.0);
 
     // A queue-change without the right token is refused before its body is read.
     for auth in ["", "Authorization: Token wrong\r\n"] {

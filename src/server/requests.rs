@@ -110,58 +110,20 @@ impl Server {
         }
     }
 
-    /// A head announcing a body arrived and its body has not been read: refuse at once what
-    /// is refused anyway (a body where none is expected, a queue-change without the right
-    /// token), and send `100 Continue` when the client waits for it. `arrived` is how many
-    /// bytes after the head are at hand besides those the reader holds.
+    /// A queue-change head arrived and its body has not been read: refuse at once a request
+    /// without the right token, and send `100 Continue` when the client waits for it.
+    /// `arrived` is how many bytes after the head are at hand besides those the reader holds.
     pub(super) fn check_head(&mut self, token: usize, arrived: usize) {
         let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) else {
             return;
         };
         let Some(head) = &h.reader.head else { return };
-        // Whether the whole body is already at hand (then reading it costs nothing more).
+        // Only a queue-change gets this far (the reader refuses a body anywhere else); its
+        // body is read only with the right token, unless it is all here already (then the
+        // 401 comes after it and the connection stays usable).
         let arrived = arrived + h.reader.buffered();
         let at_hand = matches!(head.body, BodyFraming::Length(n) if arrived >= n);
-        let queue_change = matches!(
-            (&head.route, head.method),
-            (Route::QueueChange(_), Method::Post)
-        );
-        if !queue_change {
-            // A body where none is expected. A wrong target or method is answered with 404 or
-            // 405 as usual, after the body if it is all here already (the connection stays
-            // usable); otherwise the body is not read: 404, 405 or 400, and the connection is
-            // closed.
-            let json = |status: u16, extra: &str, detail: &str| {
-                http::response(
-                    status,
-                    "application/json",
-                    extra,
-                    &http::detail_json(detail),
-                    false,
-                    false,
-                )
-            };
-            let refusal = if head.route == Route::NotFound {
-                json(404, "", "not found")
-            } else if !head.route.allows(head.method) {
-                json(
-                    405,
-                    &format!("Allow: {}\r\n", head.route.allow()),
-                    "method not allowed",
-                )
-            } else {
-                self.metrics.reject(Rejection::BadRequest);
-                let refusal = json(400, "", "a request body is accepted only on a queue-change");
-                return self.refuse(token, &refusal);
-            };
-            if !at_hand {
-                self.refuse(token, &refusal);
-            }
-            return;
-        }
         if !http::authorized(head.authorization.as_deref(), &self.cfg.token.0) && !at_hand {
-            // A complete request is answered in `dispatch`, and the connection stays usable;
-            // one whose body is still to come is refused before the body is read.
             self.metrics.queue_change(QueueResult::Unauthorized);
             return self.refuse(token, &unauthorized(false));
         }
