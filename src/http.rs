@@ -575,6 +575,8 @@ struct HeadScan {
     line_checked: bool,
     /// The request line is complete and not yet checked.
     line_pending: bool,
+    /// Length of the request line (with its line feed) once it is complete.
+    line_len: usize,
     at: LineAt,
 }
 
@@ -602,8 +604,9 @@ impl HeadScan {
                     return Err(HttpError::BadRequest("malformed request line"));
                 }
             }
-            if b == b'\n' && !self.line_checked {
+            if b == b'\n' && !self.line_checked && !self.line_pending {
                 self.line_pending = true;
+                self.line_len = self.seen;
             }
             if self.at.step(b) {
                 return Ok(Some(i + 1));
@@ -933,6 +936,16 @@ impl Reader {
     }
 
     fn step_head(&mut self, input: &mut &[u8]) -> Result<Option<Parsed>, HttpError> {
+        if !self.scan.started {
+            // Empty lines between requests are skipped without being kept, wherever they are.
+            let kept = self.buf.bytes.get(self.pos..).unwrap_or(&[]);
+            let skip = kept
+                .iter()
+                .position(|&b| b != b'\r' && b != b'\n')
+                .unwrap_or(kept.len());
+            self.pos += skip;
+            self.work += skip as u64;
+        }
         if self.has_buffered() {
             // Part of a head is buffered: look at what was not looked at yet, then at `input`.
             let unscanned = self.pos + self.scan.seen;
@@ -964,7 +977,6 @@ impl Reader {
             return Ok(self.start(head));
         }
         if !self.scan.started {
-            // Empty lines between requests are skipped without being kept.
             let skip = input
                 .iter()
                 .position(|&b| b != b'\r' && b != b'\n')
@@ -1001,14 +1013,17 @@ impl Reader {
         self.stash(bytes)
     }
 
-    /// Once the request line is complete, refuses it at once if it is malformed.
+    /// Once the request line is complete, refuses it at once if it is malformed (the line
+    /// alone: what follows is checked when the head is complete, so that the outcome does not
+    /// depend on how the head was split).
     fn check_line(&mut self, from: usize) -> Result<Option<Parsed>, HttpError> {
         if self.scan.line_pending {
             self.scan.line_pending = false;
             self.scan.line_checked = true;
-            let bytes = self.buf.bytes.get(from..).unwrap_or(&[]);
-            self.work += bytes.len() as u64;
-            parse_head(bytes)?;
+            let line = self.buf.bytes.get(from..from + self.scan.line_len);
+            let line = line.unwrap_or(&[]);
+            self.work += line.len() as u64;
+            parse_head(line)?;
         }
         Ok(None)
     }
@@ -1563,5 +1578,47 @@ mod tests {
         assert_eq!(r.poll(), Ok(None));
         r.push(b"st: x\r\n\r\n");
         assert!(matches!(r.poll(), Ok(Some(Parsed::Request(..)))));
+    }
+
+    /// Found by fuzzing: the outcome must not depend on how the bytes were split, nor on
+    /// whether they were handed over or parsed in place.
+    #[test]
+    fn the_outcome_does_not_depend_on_the_split() {
+        let cases: [&[u8]; 3] = [
+            // Empty lines before a request are not part of its head.
+            b"\r\n\r\nGET /metrics HTTP/1.0\r\n\r\n",
+            // A bad header after a complete request line, in a head that never ends.
+            b"POST /sse/environments/k/queue-change HTTP/1.1\r\nX-\xf1: y\r\nExpect: 100-conti",
+            // The same, ended: refused however it arrives.
+            b"POST /sse/environments/k/queue-change HTTP/1.1\r\nX-\xf1: y\r\n\r\n",
+        ];
+        for wire in cases {
+            let whole = {
+                let mut r = Reader::default();
+                r.push(wire);
+                r.poll()
+            };
+            for size in 1..wire.len() {
+                for in_place in [false, true] {
+                    let mut r = Reader::default();
+                    let mut last = Ok(None);
+                    for piece in wire.chunks(size) {
+                        let mut input = piece;
+                        if !in_place {
+                            r.push(piece);
+                            input = &[];
+                        }
+                        last = r.feed(&mut input);
+                        if !matches!(last, Ok(None)) {
+                            break;
+                        }
+                    }
+                    assert_eq!(
+                        last, whole,
+                        "{wire:?} in pieces of {size}, in place: {in_place}"
+                    );
+                }
+            }
+        }
     }
 }
