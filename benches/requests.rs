@@ -53,11 +53,12 @@ impl Server {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the server did not start")
-            .parse()
-            .expect("listening address");
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not start (no 'listening on' line at LOG_LEVEL=info)");
+        };
+        let addr = addr.parse().expect("listening address");
         Server { child, addr }
     }
 
