@@ -75,7 +75,7 @@ pub struct Conn {
     /// The socket may have more input than was read (edge-triggered readiness).
     pub readable: bool,
     /// Bytes received after a subscriber's request (a stream client sends nothing more).
-    pub stray_input: usize,
+    pub stray_input: u32,
     /// Where the connection is in its life.
     pub state: State,
 }

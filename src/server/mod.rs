@@ -705,8 +705,10 @@ impl Server {
         let Some(c) = self.conns.get_mut(token) else {
             return false;
         };
-        c.stray_input = c.stray_input.saturating_add(n);
-        if c.stray_input <= MAX_STREAM_INPUT {
+        c.stray_input = c
+            .stray_input
+            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        if c.stray_input as usize <= MAX_STREAM_INPUT {
             return true;
         }
         debug!(
