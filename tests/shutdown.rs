@@ -251,7 +251,7 @@ fn a_second_signal_exits_at_once_while_the_store_helper_is_stuck() {
     inflight
         .write_all(
             format!(
-                "POST /sse/environments/k/queue-change HTTP/1.1\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
             .as_bytes(),
