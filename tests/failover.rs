@@ -1,7 +1,7 @@
 //! The store under failure, with the real binary and real `redis-server` processes: a primary
 //! demoted to a read-only replica and promoted again, `REDIS_WAIT_REPLICAS` with a real replica
 //! that stops or dies, a store that stops answering in the middle of a reply, and times too far
-//! in the future (refused, and the README's repair of one already stored).
+//! in the future (refused, and the repair documented in docs/REDIS.md of one already stored).
 //!
 //! The tests run one at a time (they measure latencies, and the machine may be small).
 
@@ -477,7 +477,7 @@ fn the_readme_repair_of_a_stored_future_time_works() {
         Some(epoch_text(year_9999))
     );
 
-    // The README's repair: put a sane time into the hash ...
+    // The documented repair (docs/REDIS.md): put a sane time into the hash ...
     let repaired = now_micros();
     redis
         .cli(&[

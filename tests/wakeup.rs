@@ -319,14 +319,15 @@ const ADMIN_ONLY: &[&str] = &[
 ];
 const ADMIN: &[&str] = &["--user", "admin", "--pass", "admin-pw", "--no-auth-warning"];
 
-/// The ACL rules of the README's `ACL SETUSER sse ...` line (after the user name).
+/// The ACL rules of the documented `ACL SETUSER sse ...` line (docs/REDIS.md, after the user
+/// name).
 fn readme_acl_rules() -> Vec<String> {
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/REDIS.md")).unwrap();
     let line = readme
         .lines()
         .find(|l| l.starts_with("ACL SETUSER sse "))
-        .expect("README has an `ACL SETUSER sse ...` line");
+        .expect("docs/REDIS.md has an `ACL SETUSER sse ...` line");
     line.split_whitespace().skip(3).map(str::to_owned).collect()
 }
 
