@@ -101,7 +101,9 @@ publish-to-delivery latency, fan-out time, queue-change throughput and this mach
                        fetch; latency rounds start at --round-gap spacing (default 1.37 s, not a
                        multiple of CACHE_UPDATE_INTERVAL_SECONDS) so that publishes fall at every
                        phase of B's fetch cycle; --rounds and --many-rounds default to 10
-                       (--quick: 4 and 3); RSS and CPU are reported per instance
+                       (--quick: 4 and 3); then the same rounds are published to B itself (the
+                       local path, same run), and the target for the p99 via A is the local p99
+                       plus 30 ms; RSS and CPU are reported per instance
   --instances N        with --store redis: start N instances on one port with REUSE_PORT=true and
                        one redis-server; the kernel spreads subscribers over them, and each
                        publish goes to the same port on a fresh connection (so to any instance);
