@@ -266,8 +266,16 @@ pub fn growth(a: &KernelMem, b: &KernelMem, conns: u64) -> KernelGrowth {
 }
 
 impl KernelGrowth {
+    /// Per socket: by the growth of TCP sockets in use if there was any (sockets of an
+    /// earlier phase that were still closing are then not counted twice), else two per
+    /// connection.
     fn per(&self, v: i64) -> f64 {
-        v as f64 / self.conns.max(1) as f64
+        let sockets = if self.tcp_sockets > 0 {
+            self.tcp_sockets
+        } else {
+            2 * self.conns as i64
+        };
+        v as f64 / sockets.max(1) as f64
     }
 
     /// Table rows.
@@ -280,18 +288,19 @@ impl KernelGrowth {
             .join(", ");
         vec![
             (
-                "kernel memory per connection, both loopback ends (sockstat / Slab / MemAvailable)"
+                "kernel memory per TCP socket (a subscriber is two on loopback: sockstat, Slab, MemAvailable)"
                     .into(),
                 format!(
-                    "{} more TCP sockets; TCP buffers {:.0} B, slab {:.0} B, MemAvailable drop {:.0} B per connection (MemAvailable also counts the workers)",
+                    "{} more TCP sockets for {} connections; per socket: TCP buffers {:.0} B, slab {:.0} B, MemAvailable drop {:.0} B (MemAvailable also counts the workers' memory)",
                     self.tcp_sockets,
+                    self.conns,
                     self.per(self.tcp_buffer_bytes),
                     self.per(self.slab_bytes),
                     self.per(self.mem_available_drop)
                 ),
             ),
             (
-                "slab caches that grew, bytes per connection (both ends)".into(),
+                "slab caches that grew, bytes per TCP socket".into(),
                 if slabs.is_empty() {
                     "none readable (/proc/slabinfo needs root)".into()
                 } else {

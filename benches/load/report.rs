@@ -138,6 +138,8 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
     let (fan_single, fan_many) = (r.fan_single, r.fan_many);
     let (floor, connected, qc, end_status) = (r.floor, &r.connected, &r.qc, &r.end);
     let per_env = r.per_env(o);
+    // Over several instances, one instance's /metrics count its share of an environment.
+    let fan_per = per_env / o.instances.max(1) as f64;
     let per_sub_rss = r.rss_per_subscriber();
     let slab_per_conn = r.slab_per_connection();
     let st = &connected.status;
@@ -300,11 +302,15 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
     }
     if let Some((mean, count)) = fan_single {
         add(
-            "server fan-out, one environment (its /metrics)",
+            if o.instances > 1 {
+                "server fan-out, one environment (one instance's /metrics, its share of the subscribers)"
+            } else {
+                "server fan-out, one environment (its /metrics)"
+            },
             format!(
                 "mean {:.0} µs over {count} fan-outs = {:.0} ns per subscriber",
                 mean * 1e6,
-                mean * 1e9 / per_env.max(1.0)
+                mean * 1e9 / fan_per.max(1.0)
             ),
         );
     }
@@ -314,7 +320,7 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
             format!(
                 "mean {:.0} µs over {count} fan-outs = {:.0} ns per subscriber",
                 mean * 1e6,
-                mean * 1e9 / per_env.max(1.0)
+                mean * 1e9 / fan_per.max(1.0)
             ),
         );
     }
@@ -340,7 +346,7 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
             ),
         );
         if let Some((mean, _)) = fan_single {
-            let per_sub = mean * 1e9 / per_env.max(1.0);
+            let per_sub = mean * 1e9 / fan_per.max(1.0);
             add(
                 "server fan-out per subscriber / floor per write (bare, with reader)",
                 format!(
@@ -395,6 +401,8 @@ pub fn json(o: &Opts, r: &Results) -> Json {
     let (fan_single, fan_many) = (r.fan_single, r.fan_many);
     let (floor, connected, qc, end_status) = (r.floor, &r.connected, &r.qc, &r.end);
     let per_env = r.per_env(o);
+    // Over several instances, one instance's /metrics count its share of an environment.
+    let fan_per = per_env / o.instances.max(1) as f64;
     let st = &connected.status;
     let mut opts_j = Json::obj();
     opts_j
@@ -493,7 +501,7 @@ pub fn json(o: &Opts, r: &Results) -> Json {
             let mut j = Json::obj();
             j.set("fanouts", count)
                 .set("mean_us", mean * 1e6)
-                .set("per_subscriber_ns", mean * 1e9 / per_env.max(1.0));
+                .set("per_subscriber_ns", mean * 1e9 / fan_per.max(1.0));
             j
         })
     };
