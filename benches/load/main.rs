@@ -280,6 +280,7 @@ fn run(o: &Opts) -> Result<(), String> {
         o.rounds
     ));
     let single_started = Instant::now();
+    let busy0 = instances::snap(&watched);
     let single = phases::latency_rounds(
         &mut workers,
         &mut target,
@@ -292,6 +293,7 @@ fn run(o: &Opts) -> Result<(), String> {
     let m1 = target::scrape(&target);
     let cmds2 = cmds(&target);
     let single_wall = single_started.elapsed().as_secs_f64();
+    let busy1 = instances::snap(&watched);
     let many_rounds: Vec<Vec<usize>> = (0..o.many_rounds).map(|_| (0..o.envs).collect()).collect();
     say(&format!(
         "latency: {} rounds of one change to each of {} environments{via}",
@@ -461,6 +463,33 @@ fn run(o: &Opts) -> Result<(), String> {
     // Instances, Redis and the kernel.
     let mut extra_rows: Vec<(String, String)> = Vec::new();
     let mut extra_json: Vec<(String, Json)> = Vec::new();
+    if let Some(busy) = instances::total(&busy0.cpu_shares(&busy1, 1.0))
+        && single.received > 0
+    {
+        let idle = instances::total(&idle_shares).unwrap_or(0.0)
+            + if o.second_instance {
+                idle_cpu_a.unwrap_or(0.0)
+            } else {
+                0.0
+            };
+        let net = (busy - idle * single_wall).max(0.0);
+        extra_rows.push((
+            "server CPU per delivery, one-environment rounds (all instances, less the idle rate)"
+                .into(),
+            format!(
+                "{:.2} µs ({net:.2} CPU-s over {single_wall:.1} s for {} deliveries)",
+                net * 1e6 / single.received as f64,
+                single.received
+            ),
+        ));
+        let mut j = Json::obj();
+        j.set("cpu_seconds", busy)
+            .set("cpu_seconds_less_idle", net)
+            .set("wall_seconds", single_wall)
+            .set("deliveries", single.received)
+            .set("us_per_delivery", net * 1e6 / single.received as f64);
+        extra_json.push(("cpu_one_env_rounds".into(), j));
+    }
     if fleet {
         let mut exits = vec![server_exit.clone().unwrap_or_default()];
         exits.extend(more_exits);

@@ -141,7 +141,6 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
     // Over several instances, one instance's /metrics count its share of an environment.
     let fan_per = per_env / o.instances.max(1) as f64;
     let per_sub_rss = r.rss_per_subscriber();
-    let slab_per_conn = r.slab_per_connection();
     let st = &connected.status;
     let mut add = |k: &str, v: String| rows.push((k.to_owned(), v));
     add("target", r.target.clone());
@@ -179,12 +178,6 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
                 b as f64 / 1024.0,
                 per_sub_rss.unwrap_or(0.0)
             ),
-        );
-    }
-    if let Some(v) = slab_per_conn {
-        add(
-            "kernel slab memory per connection (both ends, whole machine)",
-            format!("{v:.0} bytes"),
         );
     }
     if let Some(c) = idle_cpu {
@@ -277,11 +270,15 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
         add(
             "CACHE_UPDATE_INTERVAL_SECONDS; round spacing; publish phases in B's fetch cycle",
             format!(
-                "{} s; {} s; tenths of the cycle with a round start: {}/10 (one env), {}/10 (all envs)",
+                "{} s; {} s; tenths of the cycle with a round start: {}/10 (one env){}",
                 sec.interval_s,
                 sec.gap_s,
                 cover(&sec.one_env),
-                cover(&sec.all_envs)
+                if sec.all_envs.rounds > 0 {
+                    format!(", {}/10 (all envs)", cover(&sec.all_envs))
+                } else {
+                    String::new()
+                }
             ),
         );
         let use_row = |u: &InstanceUse| {
