@@ -57,16 +57,37 @@ pub fn fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
-/// RSS (KiB) and CPU time of each process, read at one moment.
+/// Memory (KiB) and CPU time of each process, read at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snap {
+    /// Resident set: counts the pages of the binary and libraries, which every instance
+    /// shares, once per process.
     pub rss_kib: Vec<Option<u64>>,
+    /// Anonymous resident memory (`RssAnon`): the process's own heap and stacks.
+    pub anon_kib: Vec<Option<u64>>,
+    /// Proportional set size (`Pss` of smaps_rollup): shared pages split between sharers, so
+    /// the sum over processes is what they use together.
+    pub pss_kib: Vec<Option<u64>>,
     pub cpu: Vec<Option<Duration>>,
+}
+
+fn kib_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub fn snap(pids: &[u32]) -> Snap {
     Snap {
         rss_kib: pids.iter().map(|&p| procs::rss_kb(p)).collect(),
+        anon_kib: pids
+            .iter()
+            .map(|&p| kib_field(&format!("/proc/{p}/status"), "RssAnon:"))
+            .collect(),
+        pss_kib: pids
+            .iter()
+            .map(|&p| kib_field(&format!("/proc/{p}/smaps_rollup"), "Pss:"))
+            .collect(),
         cpu: pids.iter().map(|&p| procs::cpu_time(p)).collect(),
     }
 }
@@ -75,6 +96,16 @@ impl Snap {
     /// Total RSS, if every process could be read.
     pub fn rss_total(&self) -> Option<u64> {
         self.rss_kib.iter().copied().sum()
+    }
+
+    /// Total anonymous RSS, if every process could be read.
+    pub fn anon_total(&self) -> Option<u64> {
+        self.anon_kib.iter().copied().sum()
+    }
+
+    /// Total PSS, if every process could be read.
+    pub fn pss_total(&self) -> Option<u64> {
+        self.pss_kib.iter().copied().sum()
     }
 
     /// Each process's CPU between `self` and `later`, as fractions of one core over `wall`.

@@ -463,6 +463,54 @@ fn run(o: &Opts) -> Result<(), String> {
     // Instances, Redis and the kernel.
     let mut extra_rows: Vec<(String, String)> = Vec::new();
     let mut extra_json: Vec<(String, Json)> = Vec::new();
+    if open > 0 {
+        let mib =
+            |v: Option<u64>| v.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+        let per = |v: Option<u64>| {
+            v.map_or("?".into(), |k| {
+                format!("{:.0} B", k as f64 * 1024.0 / open as f64)
+            })
+        };
+        extra_rows.push((
+            format!(
+                "user-space memory of the {} server process(es) with {open} subscribers, in total",
+                pids.len()
+            ),
+            format!(
+                "RSS {} ({} per subscriber; counts shared code once per process), PSS {} ({}), anonymous {} ({}); before subscribers: RSS {}, PSS {}, anonymous {}",
+                mib(snap1.rss_total()),
+                per(snap1.rss_total()),
+                mib(snap1.pss_total()),
+                per(snap1.pss_total()),
+                mib(snap1.anon_total()),
+                per(snap1.anon_total()),
+                mib(snap0.rss_total()),
+                mib(snap0.pss_total()),
+                mib(snap0.anon_total()),
+            ),
+        ));
+        let mut j = Json::obj();
+        j.set("subscribers", open)
+            .set("rss_before_kib", snap0.rss_total())
+            .set("rss_with_kib", snap1.rss_total())
+            .set("pss_before_kib", snap0.pss_total())
+            .set("pss_with_kib", snap1.pss_total())
+            .set("anon_before_kib", snap0.anon_total())
+            .set("anon_with_kib", snap1.anon_total())
+            .set(
+                "rss_total_bytes_per_subscriber",
+                snap1.rss_total().map(|k| k as f64 * 1024.0 / open as f64),
+            )
+            .set(
+                "pss_total_bytes_per_subscriber",
+                snap1.pss_total().map(|k| k as f64 * 1024.0 / open as f64),
+            )
+            .set(
+                "anon_total_bytes_per_subscriber",
+                snap1.anon_total().map(|k| k as f64 * 1024.0 / open as f64),
+            );
+        extra_json.push(("server_memory_total".into(), j));
+    }
     if let Some(busy) = instances::total(&busy0.cpu_shares(&busy1, 1.0))
         && single.received > 0
     {
