@@ -718,7 +718,13 @@ fn run(o: &Opts) -> Result<(), String> {
         idle_seconds: idle_wall,
         idle_cpu: if o.second_instance { None } else { idle_cpu },
         fan_single: target::fanout_between(&m0, &m1),
-        fan_many: target::fanout_between(&m1, &m2),
+        // Over several instances each scrape reaches any one of them: the first one counts
+        // from zero on every instance, the second one would mix two instances' counts.
+        fan_many: if fleet {
+            None
+        } else {
+            target::fanout_between(&m1, &m2)
+        },
         single,
         many,
         second,
