@@ -107,8 +107,19 @@ fn machine() -> Json {
 fn chart_from(o: &Opts) -> Result<(), String> {
     let mut series = Vec::new();
     for p in &o.chart_from {
-        let s = csv::read(p)?;
-        say(&format!("{}: {} series", p.display(), s.len()));
+        // PATH@NAME: the series of that file are drawn under the server name NAME.
+        let text = p.to_string_lossy();
+        let (path, name) = match text.split_once('@') {
+            Some((path, name)) => (std::path::PathBuf::from(path), Some(csv::field(name))),
+            None => (p.clone(), None),
+        };
+        let mut s = csv::read(&path)?;
+        if let Some(name) = name {
+            for x in &mut s {
+                x.server = name.clone();
+            }
+        }
+        say(&format!("{}: {} series", path.display(), s.len()));
         series.extend(s);
     }
     write_chart(o, &series)

@@ -127,7 +127,8 @@ publish-to-delivery latency, fan-out time, queue-change throughput and this mach
                        target/load-latency.svg)
   --label NAME         the server's name in the CSV and the chart (default from the target)
   --chart-from A,B,..  measure nothing: draw --svg from these CSV files (sample files or CDF
-                       files written by --cdf-csv), every series of every file on one chart
+                       files written by --cdf-csv), every series of every file on one chart;
+                       FILE@NAME draws that file's series under the server name NAME
   --cdf-csv PATH       also write the chart's CDF points per series (a small CSV)
   --quick              small smoke run
 ";

@@ -44,26 +44,51 @@ fn ms_label(v: f64) -> String {
     }
 }
 
+/// Nice bounds for a logarithmic axis: the largest 1, 2 or 5 × 10^k at or below `lo`, and the
+/// smallest at or above `hi`.
+fn log_bounds(lo: f64, hi: f64) -> (f64, f64) {
+    let steps = |d: i32| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(d));
+    let lo = lo.max(0.001);
+    let hi = hi.max(lo * 2.0);
+    let dl = lo.log10().floor() as i32;
+    let low = steps(dl)
+        .into_iter()
+        .rfind(|v| *v <= lo * 1.000_001)
+        .unwrap_or(10f64.powi(dl));
+    let dh = hi.log10().floor() as i32;
+    let high = steps(dh)
+        .into_iter()
+        .chain(steps(dh + 1))
+        .find(|v| *v >= hi * 0.999_999)
+        .unwrap_or(10f64.powi(dh + 1));
+    (low, high)
+}
+
 /// The chart as SVG text.
 pub fn cdf_chart(series: &[Series], title: &str) -> String {
-    let all: Vec<f64> = series
+    // The axis spans the 0.1 % point of the fastest line to the slowest line's maximum.
+    let lows: Vec<f64> = series
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .filter_map(|s| s.points.iter().find(|p| p.0 >= 0.001).map(|p| p.1))
         .filter(|v| v.is_finite() && *v > 0.0)
         .collect();
-    let lo_ms = all.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi_ms = all.iter().copied().fold(0.0, f64::max);
-    let (lo_dec, hi_dec) = if all.is_empty() {
-        (0, 3)
+    let highs: Vec<f64> = series
+        .iter()
+        .filter_map(|s| s.points.last().map(|p| p.1))
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
+    let (lo_ms, hi_ms) = if lows.is_empty() || highs.is_empty() {
+        (1.0, 1000.0)
     } else {
-        let lo = lo_ms.max(0.01).log10().floor() as i32;
-        let hi = hi_ms.max(0.01).log10().ceil() as i32;
-        (lo, hi.max(lo + 1))
+        log_bounds(
+            lows.iter().copied().fold(f64::INFINITY, f64::min),
+            highs.iter().copied().fold(0.0, f64::max),
+        )
     };
-    let (lo, hi) = (f64::from(lo_dec), f64::from(hi_dec));
-    let x = |ms: f64| LEFT + (ms.max(10f64.powf(lo)).log10() - lo) / (hi - lo) * PLOT_W;
+    let (lo, hi) = (lo_ms.log10(), hi_ms.log10());
+    let x = |ms: f64| LEFT + (ms.clamp(lo_ms, hi_ms).log10() - lo) / (hi - lo) * PLOT_W;
     let y = |f: f64| TOP + (1.0 - f.clamp(0.0, 1.0)) * PLOT_H;
-    let height = TOP + PLOT_H + 64.0 + LEGEND_LINE * series.len() as f64 + 16.0;
+    let height = TOP + PLOT_H + 64.0 + 2.0 * LEGEND_LINE * series.len() as f64 + 16.0;
 
     let mut s = String::new();
     let _ = writeln!(
@@ -81,10 +106,11 @@ pub fn cdf_chart(series: &[Series], title: &str) -> String {
         esc(title)
     );
     // Grid and axes.
-    for d in lo_dec..=hi_dec {
+    let (dl, dh) = (lo.floor() as i32, hi.ceil() as i32);
+    for d in dl..=dh {
         for m in [1.0, 2.0, 5.0] {
             let v = 10f64.powi(d) * m;
-            if v > 10f64.powi(hi_dec) * 1.0001 {
+            if v < lo_ms * 0.999_999 || v > hi_ms * 1.000_001 {
                 continue;
             }
             let px = x(v);
@@ -169,7 +195,7 @@ pub fn cdf_chart(series: &[Series], title: &str) -> String {
             r#"<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{}"/>"#,
             pts.trim_end()
         );
-        let ly = TOP + PLOT_H + 60.0 + LEGEND_LINE * i as f64;
+        let ly = TOP + PLOT_H + 60.0 + 2.0 * LEGEND_LINE * i as f64;
         let _ = writeln!(
             s,
             r#"<line x1="{LEFT}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{colour}" stroke-width="3"{dash}/>"#,
@@ -178,15 +204,21 @@ pub fn cdf_chart(series: &[Series], title: &str) -> String {
         let q = |p: f64| se.quantile(p).map_or("–".to_owned(), |v| format!("{v:.1}"));
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}">{} — {}: p50 {} ms, p99 {} ms, max {} ms ({} deliveries)</text>"#,
+            r#"<text x="{:.1}" y="{:.1}">{} — {}</text>"#,
             LEFT + 36.0,
             ly + 4.0,
             esc(&se.server),
-            esc(&se.scenario),
+            esc(&se.scenario)
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" fill="#444444">p50 {} ms, p99 {} ms, max {} ms ({} deliveries)</text>"##,
+            LEFT + 36.0,
+            ly + 4.0 + LEGEND_LINE * 0.8,
             q(0.5),
             q(0.99),
             q(1.0),
-            se.samples
+            ms_label(se.samples as f64)
         );
     }
     s.push_str("</svg>\n");
