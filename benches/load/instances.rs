@@ -347,16 +347,16 @@ impl KernelGrowth {
         j.set("connections", self.conns)
             .set("tcp_sockets_more", self.tcp_sockets)
             .set(
-                "tcp_buffer_bytes_per_connection",
+                "tcp_buffer_bytes_per_socket",
                 self.per(self.tcp_buffer_bytes),
             )
-            .set("slab_bytes_per_connection", self.per(self.slab_bytes))
+            .set("slab_bytes_per_socket", self.per(self.slab_bytes))
             .set(
-                "mem_available_drop_per_connection",
+                "mem_available_drop_per_socket",
                 self.per(self.mem_available_drop),
             )
             .set(
-                "slab_caches_per_connection",
+                "slab_caches_per_socket",
                 Json::Obj(
                     self.top_slabs
                         .iter()
