@@ -60,6 +60,18 @@ pub struct Opts {
     pub connect_timeout_ms: u64,
     /// Two instances on one Redis: subscribers on B, publishes to A.
     pub second_instance: bool,
+    /// Server processes on one port (REUSE_PORT) and one Redis; 0: one, without REUSE_PORT.
+    pub instances: usize,
+    /// Every latency sample is written here (CSV).
+    pub csv: PathBuf,
+    /// The latency CDF chart (SVG).
+    pub svg: PathBuf,
+    /// Only draw `svg` from these CSV files (samples or CDF summaries), measuring nothing.
+    pub chart_from: Vec<PathBuf>,
+    /// Also write the chart's CDF points (a small CSV) here.
+    pub cdf_csv: Option<PathBuf>,
+    /// Name of the server in the CSV and the chart's legend (default: derived from the target).
+    pub label: Option<String>,
 }
 
 pub const USAGE: &str = "\
@@ -89,7 +101,14 @@ publish-to-delivery latency, fan-out time, queue-change throughput and this mach
                        fetch; latency rounds start at --round-gap spacing (default 1.37 s, not a
                        multiple of CACHE_UPDATE_INTERVAL_SECONDS) so that publishes fall at every
                        phase of B's fetch cycle; --rounds and --many-rounds default to 10
-                       (--quick: 4 and 3); RSS and CPU are reported per instance
+                       (--quick: 4 and 3); then the same rounds are published to B itself (the
+                       local path, same run), and the target for the p99 via A is the local p99
+                       plus 30 ms; RSS and CPU are reported per instance
+  --instances N        with --store redis: start N instances on one port with REUSE_PORT=true and
+                       one redis-server; the kernel spreads subscribers over them, and each
+                       publish goes to the same port on a fresh connection (so to any instance);
+                       RSS and CPU are reported per instance and in total, Redis commands per
+                       idle second and per change from INFO commandstats
   --nchan              measure nginx + nchan instead (packages nginx-light, libnginx-mod-nchan)
   --target URL         measure a running server: stream URL with {env}, e.g.
                        http://127.0.0.1:8000/sse/environments/{env}/stream
@@ -102,6 +121,15 @@ publish-to-delivery latency, fan-out time, queue-change throughput and this mach
   --prefix P           environment keys are P-0, P-1, ... (default bench)
   --reconnects N       reconnects per subscriber after its stream ends (default 3)
   --json PATH          result file (default target/load-result.json)
+  --csv PATH           every latency sample: scenario,server,round,env,subscriber,latency_ms
+                       (default target/load-latency.csv)
+  --svg PATH           latency CDF chart, one line per scenario and server (default
+                       target/load-latency.svg)
+  --label NAME         the server's name in the CSV and the chart (default from the target)
+  --chart-from A,B,..  measure nothing: draw --svg from these CSV files (sample files or CDF
+                       files written by --cdf-csv), every series of every file on one chart;
+                       FILE@NAME draws that file's series under the server name NAME
+  --cdf-csv PATH       also write the chart's CDF points per series (a small CSV)
   --quick              small smoke run
 ";
 
@@ -139,6 +167,12 @@ impl Opts {
             reconnects: 3,
             connect_timeout_ms: 10_000,
             second_instance: false,
+            instances: 0,
+            csv: root.join("target/load-latency.csv"),
+            svg: root.join("target/load-latency.svg"),
+            chart_from: Vec::new(),
+            cdf_csv: None,
+            label: None,
         };
         if args.iter().any(|a| a == "--quick") {
             o.quick = true;
@@ -212,6 +246,18 @@ impl Opts {
                 "--prefix" => o.prefix = val(a)?,
                 "--reconnects" => o.reconnects = num(&val(a)?, a)?,
                 "--json" => o.json = PathBuf::from(val(a)?),
+                "--csv" => o.csv = PathBuf::from(val(a)?),
+                "--svg" => o.svg = PathBuf::from(val(a)?),
+                "--cdf-csv" => o.cdf_csv = Some(PathBuf::from(val(a)?)),
+                "--label" => o.label = Some(val(a)?),
+                "--instances" => o.instances = num(&val(a)?, a)?,
+                "--chart-from" => {
+                    o.chart_from = val(a)?
+                        .split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(PathBuf::from)
+                        .collect();
+                }
                 other => return Err(format!("unknown option {other:?}")),
             }
         }
@@ -230,6 +276,17 @@ impl Opts {
             }
             if o.cache_interval().is_none() {
                 return Err("CACHE_UPDATE_INTERVAL_SECONDS must be a positive number".into());
+            }
+        }
+        if o.instances > 0 {
+            if o.mode != Mode::Ours || o.store != StoreKind::Redis || o.second_instance {
+                return Err(
+                    "--instances needs our server with --store redis, without --second-instance"
+                        .into(),
+                );
+            }
+            if o.instances > 32 {
+                return Err("--instances must be at most 32".into());
             }
         }
         if o.workers == 0 {

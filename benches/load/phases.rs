@@ -5,7 +5,7 @@ use crate::opts::Opts;
 use crate::pool::{Status, Workers};
 use crate::say;
 use crate::stats::Summary;
-use crate::target::Target;
+use crate::target::{Publisher, Target};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -81,6 +81,8 @@ pub struct Latency {
     pub answered: Summary,
     /// Each round's first publish time, on `CLOCK_MONOTONIC`.
     pub round_starts_ns: Vec<u64>,
+    /// Every delivery: round, environment, subscriber, latency (ns).
+    pub samples: Vec<(u32, u32, u32, u64)>,
 }
 
 /// Runs latency rounds: each publishes one new time to every environment in its list, then
@@ -88,6 +90,19 @@ pub struct Latency {
 pub fn latency_rounds(
     w: &mut Workers,
     t: &mut Target,
+    times: &mut TimeSource,
+    o: &Opts,
+    rounds: &[Vec<usize>],
+    counts: &[u64],
+    pace: Pace,
+) -> Result<Latency, String> {
+    latency_rounds_with(w, &mut t.publisher, times, o, rounds, counts, pace)
+}
+
+/// `latency_rounds` with the changes published by `publisher`.
+pub fn latency_rounds_with(
+    w: &mut Workers,
+    publisher: &mut Publisher,
     times: &mut TimeSource,
     o: &Opts,
     rounds: &[Vec<usize>],
@@ -119,7 +134,7 @@ pub fn latency_rounds(
         let mut last = 0;
         for &e in envs {
             let time = times.next();
-            let (at, done) = t.publisher.publish(&o.env_key(e), time)?;
+            let (at, done) = publisher.publish(&o.env_key(e), time)?;
             answered.push(done.saturating_sub(at));
             first = first.min(at);
             last = last.max(at);
@@ -142,7 +157,9 @@ pub fn latency_rounds(
                     continue;
                 };
                 if (rec.time - time).abs() <= 2 && seen.insert(rec.id) {
-                    samples.push(rec.at.saturating_sub(at));
+                    let lat = rec.at.saturating_sub(at);
+                    samples.push(lat);
+                    res.samples.push((r as u32, rec.env, rec.id, lat));
                 }
             }
             if seen.len() as u64 >= expected || Instant::now() > deadline {
@@ -176,6 +193,36 @@ pub fn latency_rounds(
     res.answered = Summary::of(&mut answered);
     Ok(res)
 }
+
+/// Waits `seconds` while the subscribers sit idle, saying every few seconds how much CPU the
+/// processes in `pids` used so far (so that a long idle phase is not silent).
+pub fn idle(seconds: f64, pids: &[u32], open: u64) {
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let cpu0 = crate::instances::snap(pids);
+    let mut last = start;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(250)));
+        if last.elapsed() >= PROGRESS_EVERY && Instant::now() < end {
+            last = Instant::now();
+            let wall = start.elapsed().as_secs_f64();
+            let now = crate::instances::snap(pids);
+            let cpu = crate::instances::total(&cpu0.cpu_shares(&now, wall));
+            say(&format!(
+                "idle: {wall:.0}/{seconds:.0} s, {open} subscribers, server CPU so far {}, RSS {}",
+                cpu.map_or("?".into(), |c| format!("{:.2} % of one core", c * 100.0)),
+                now.rss_total()
+                    .map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+            ));
+        }
+    }
+}
+
+/// How often a long phase says how it is going.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 pub fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6

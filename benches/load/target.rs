@@ -120,6 +120,46 @@ pub struct Target {
     pub nginx: Option<procs::Nginx>,
     /// Instance A with `--second-instance` (`server` is then instance B, the subscribers' one).
     pub publish_side: Option<PublishSide>,
+    /// With `--second-instance`: publishes to instance B itself (the local path).
+    pub local_publisher: Option<Publisher>,
+    /// With `--instances N`: instances 2..=N (`server` is instance 1), all on one port.
+    pub more_instances: Vec<procs::Proc>,
+    /// The port of the redis-server the harness started.
+    pub redis_port: Option<u16>,
+}
+
+impl Target {
+    /// Pids of every instance of our server (or the one process measured), in order.
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.pid
+            .into_iter()
+            .chain(self.more_instances.iter().map(procs::Proc::pid))
+            .collect()
+    }
+
+    /// A short name for the CSV and the chart.
+    pub fn label(&self, o: &Opts) -> String {
+        if let Some(l) = &o.label {
+            return l.clone();
+        }
+        match o.mode {
+            Mode::Nchan => "nginx + nchan".into(),
+            Mode::Foreign => "foreign server".into(),
+            Mode::Ours => {
+                let store = match o.store {
+                    StoreKind::Redis => "Redis",
+                    StoreKind::Embedded => "embedded",
+                };
+                if o.instances > 0 {
+                    format!("flagsmith-sse ×{} REUSE_PORT ({store})", o.instances)
+                } else if o.second_instance {
+                    format!("flagsmith-sse two instances ({store})")
+                } else {
+                    format!("flagsmith-sse ({store})")
+                }
+            }
+        }
+    }
 }
 
 const DEFAULT_BODY: &str = "{\"updated_at\": \"{iso}\"}";
@@ -134,10 +174,21 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 }
                 StoreKind::Embedded => None,
             };
-            say(&format!("starting {}", o.server_bin.display()));
             let redis_port = redis.as_ref().map(|r| r.1);
-            let (server, addr) =
-                procs::start_server(&o.server_bin, TOKEN, redis_port, &o.server_env)?;
+            let (server, addr, more_instances) = match (o.instances, redis_port) {
+                (n, Some(rp)) if n > 0 => {
+                    let (mut all, addr) =
+                        crate::instances::start(n, &o.server_bin, TOKEN, rp, &o.server_env)?;
+                    let first = all.remove(0);
+                    (first, addr, all)
+                }
+                _ => {
+                    say(&format!("starting {}", o.server_bin.display()));
+                    let (p, a) =
+                        procs::start_server(&o.server_bin, TOKEN, redis_port, &o.server_env)?;
+                    (p, a, Vec::new())
+                }
+            };
             let url = |path: &str| httpc::Url {
                 addr,
                 host: addr.to_string(),
@@ -161,7 +212,24 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 path: "/sse/environments/{env}/queue-change".into(),
             };
             let headers = format!("Authorization: Token {TOKEN}\r\n");
+            // Over several instances on one port, each publish takes a fresh connection, so
+            // the kernel hands it to any instance.
+            let pub_headers = if more_instances.is_empty() {
+                headers.clone()
+            } else {
+                format!("{headers}Connection: close\r\n")
+            };
             let body = o.publish_body.clone().unwrap_or(DEFAULT_BODY.into());
+            let local_publisher = publish_side.as_ref().map(|_| Publisher::Http {
+                url: httpc::Url {
+                    addr,
+                    host: addr.to_string(),
+                    path: "/sse/environments/{env}/queue-change".into(),
+                },
+                headers: headers.clone(),
+                body: body.clone(),
+                client: httpc::Client::new(addr),
+            });
             let store = match &redis {
                 Some((_, port)) => format!("Redis store (redis-server on 127.0.0.1:{port})"),
                 None => "embedded store".into(),
@@ -172,6 +240,11 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                      publishes to A ({})",
                     env!("CARGO_PKG_VERSION"),
                     p.addr
+                ),
+                None if !more_instances.is_empty() => format!(
+                    "flagsmith-sse {}, {} instances on {addr} (REUSE_PORT), one {store}",
+                    env!("CARGO_PKG_VERSION"),
+                    more_instances.len() + 1
                 ),
                 None => format!("flagsmith-sse {}, {store}", env!("CARGO_PKG_VERSION")),
             };
@@ -184,7 +257,7 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 stream: url("/sse/environments/{env}/stream"),
                 publisher: Publisher::Http {
                     url: pub_url.clone(),
-                    headers: headers.clone(),
+                    headers: pub_headers,
                     body: body.clone(),
                     client: httpc::Client::new(pub_addr),
                 },
@@ -200,6 +273,9 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 redis: redis.map(|r| r.0),
                 nginx: None,
                 publish_side,
+                local_publisher,
+                more_instances,
+                redis_port,
             })
         }
         Mode::Nchan => {
@@ -244,6 +320,9 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 redis: None,
                 nginx: Some(ng),
                 publish_side: None,
+                local_publisher: None,
+                more_instances: Vec::new(),
+                redis_port: None,
             })
         }
         Mode::Foreign => {
@@ -291,6 +370,9 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
                 redis: None,
                 nginx: None,
                 publish_side: None,
+                local_publisher: None,
+                more_instances: Vec::new(),
+                redis_port: None,
             })
         }
     }
