@@ -319,16 +319,28 @@ const ADMIN_ONLY: &[&str] = &[
 ];
 const ADMIN: &[&str] = &["--user", "admin", "--pass", "admin-pw", "--no-auth-warning"];
 
-/// The ACL rules of the documented `ACL SETUSER sse ...` line (docs/REDIS.md, after the user
-/// name).
+/// The ACL rules of the README's `ACL SETUSER sse ...` line (after the user name); docs/REDIS.md
+/// must show the same line.
 fn readme_acl_rules() -> Vec<String> {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/REDIS.md")).unwrap();
-    let line = readme
-        .lines()
-        .find(|l| l.starts_with("ACL SETUSER sse "))
-        .expect("docs/REDIS.md has an `ACL SETUSER sse ...` line");
-    line.split_whitespace().skip(3).map(str::to_owned).collect()
+    let line = |file: &str| {
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("ACL SETUSER sse "))
+            .unwrap_or_else(|| panic!("{file} has an `ACL SETUSER sse ...` line"))
+            .to_owned()
+    };
+    let readme = line("README.md");
+    assert_eq!(
+        readme,
+        line("docs/REDIS.md"),
+        "README.md and docs/REDIS.md show different ACL lines"
+    );
+    readme
+        .split_whitespace()
+        .skip(3)
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
