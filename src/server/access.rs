@@ -106,16 +106,24 @@ impl Server {
         self.log_answer(token, "POST", &path, if ok { 200 } else { 503 }, started);
     }
 
-    /// Logs a stream that just opened.
-    pub(super) fn log_stream_open(&self, token: usize) {
+    /// What a stream's access-log lines show: the stream, its environment's key and its peer.
+    /// `None` when debug logging is off or `token` is not a stream.
+    fn stream_fields(&self, token: usize) -> Option<(&Stream, &str, String)> {
         if !log::log_enabled!(Level::Debug) {
-            return;
+            return None;
         }
         let Some(State::Stream(s)) = self.conns.get(token).map(|c| &c.state) else {
-            return;
+            return None;
         };
         let env = self.envs.get(s.env as usize).map_or("-", |e| &e.key);
-        let peer = self.peer(token);
+        Some((s, env, self.peer(token)))
+    }
+
+    /// Logs a stream that just opened.
+    pub(super) fn log_stream_open(&self, token: usize) {
+        let Some((_, env, peer)) = self.stream_fields(token) else {
+            return;
+        };
         debug!(
             event = "stream_open", environment = env, peer = peer.as_str();
             "stream opened"
@@ -124,14 +132,9 @@ impl Server {
 
     /// Logs a stream that is closing, and why.
     pub(super) fn log_stream_closed(&self, token: usize, reason: &str) {
-        if !log::log_enabled!(Level::Debug) {
-            return;
-        }
-        let Some(State::Stream(s)) = self.conns.get(token).map(|c| &c.state) else {
+        let Some((s, env, peer)) = self.stream_fields(token) else {
             return;
         };
-        let env = self.envs.get(s.env as usize).map_or("-", |e| &e.key);
-        let peer = self.peer(token);
         let duration_ms = self.now().saturating_sub(s.opened);
         debug!(
             event = "stream_close", environment = env, peer = peer.as_str(), reason = reason,

@@ -318,6 +318,20 @@ enum Step {
     Close(Why),
 }
 
+/// Writes the responses `h` has gathered: `None` once all of them are out, else the step that
+/// ends this one (wait for the socket, or close).
+fn flush_step(h: &mut Http, sock: &mut TcpStream) -> Option<Step> {
+    match h.flush(sock) {
+        Io::Done => None,
+        Io::WouldBlock => Some(Step::Wait),
+        Io::Closed => Some(Step::Close(Why::Peer)),
+        Io::Error(e) => {
+            debug!("write: {e}");
+            Some(Step::Close(Why::Error))
+        }
+    }
+}
+
 /// One step of an HTTP connection: parse the input at hand, write the responses gathered, or
 /// read more. `input` is the part of `scratch` not parsed yet.
 fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize>) -> Step {
@@ -326,14 +340,8 @@ fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize
     };
     let held = h.held.is_some();
     if held || h.awaiting_store || h.close_after || h.pending_output() >= MAX_GATHERED_OUTPUT {
-        match h.flush(&mut c.sock) {
-            Io::Done => {}
-            Io::WouldBlock => return Step::Wait,
-            Io::Closed => return Step::Close(Why::Peer),
-            Io::Error(e) => {
-                debug!("write: {e}");
-                return Step::Close(Why::Error);
-            }
+        if let Some(step) = flush_step(h, &mut c.sock) {
+            return step;
         }
         if let Some(request) = h.held.take() {
             let (head, body) = *request;
@@ -365,14 +373,8 @@ fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize
         Ok(None) => {}
     }
     // Everything at hand is parsed: write the responses to it in one go, then read more.
-    match h.flush(&mut c.sock) {
-        Io::Done => {}
-        Io::WouldBlock => return Step::Wait,
-        Io::Closed => return Step::Close(Why::Peer),
-        Io::Error(e) => {
-            debug!("write: {e}");
-            return Step::Close(Why::Error);
-        }
+    if let Some(step) = flush_step(h, &mut c.sock) {
+        return step;
     }
     if !c.readable {
         return Step::Wait;
