@@ -1376,84 +1376,71 @@ mod tests {
         (out, fed, r.work())
     }
 
+    /// [`trickle`], checking that the reader's work stayed within 4 units per byte fed; returns
+    /// the outcome and the bytes fed.
+    #[track_caller]
+    fn trickle_linear(wire: &[u8]) -> (Result<Option<usize>, HttpError>, usize) {
+        let (out, fed, work) = trickle(wire);
+        assert!(
+            work <= 4 * fed as u64,
+            "{work} units of work for {fed} bytes"
+        );
+        (out, fed)
+    }
+
+    /// `parts` one after the other, then 80,000 times `byte`: a line that never ends.
+    fn endless(parts: &[&[u8]], byte: u8) -> Vec<u8> {
+        let mut wire = parts.concat();
+        wire.extend(std::iter::repeat_n(byte, 80_000));
+        wire
+    }
+
+    /// A chunked queue-change whose body is `n` one-byte chunks.
+    fn one_byte_chunks(n: usize) -> Vec<u8> {
+        let mut wire = CHUNKED_HEAD.to_vec();
+        for _ in 0..n {
+            wire.extend_from_slice(b"1\r\nx\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        wire
+    }
+
     const CHUNKED_HEAD: &[u8] = b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\n\
         Transfer-Encoding: chunked\r\n\r\n";
 
     #[test]
     fn parsing_work_is_linear_in_the_bytes_however_they_are_split() {
         // 84 KB of one-byte chunks, one byte per read: the wire limit ends it with 413.
-        let mut body = CHUNKED_HEAD.to_vec();
-        for _ in 0..14_000 {
-            body.extend_from_slice(b"1\r\nx\r\n");
-        }
-        body.extend_from_slice(b"0\r\n\r\n");
-        let (out, fed, work) = trickle(&body);
+        let (out, fed) = trickle_linear(&one_byte_chunks(14_000));
         assert_eq!(out, Err(HttpError::PayloadTooLarge));
         assert!(fed > MAX_CHUNKED_WIRE, "{fed}");
-        assert!(
-            work <= 4 * fed as u64,
-            "{work} units of work for {fed} bytes"
-        );
 
         // The same body a little shorter is read whole, with the same work per byte.
-        let mut ok = CHUNKED_HEAD.to_vec();
-        for _ in 0..13_000 {
-            ok.extend_from_slice(b"1\r\nx\r\n");
-        }
-        ok.extend_from_slice(b"0\r\n\r\n");
-        let (out, fed, work) = trickle(&ok);
+        let (out, _) = trickle_linear(&one_byte_chunks(13_000));
         assert_eq!(out, Ok(Some(13_000)));
-        assert!(
-            work <= 4 * fed as u64,
-            "{work} units of work for {fed} bytes"
-        );
 
         // An endless trailer line: 431 at the trailer limit.
-        let mut trailer = CHUNKED_HEAD.to_vec();
-        trailer.extend_from_slice(b"0\r\nX-Trailer: ");
-        trailer.extend(std::iter::repeat_n(b'a', 80_000));
-        let (out, fed, work) = trickle(&trailer);
+        let (out, fed) = trickle_linear(&endless(&[CHUNKED_HEAD, b"0\r\nX-Trailer: "], b'a'));
         assert_eq!(out, Err(HttpError::HeadersTooLarge));
         assert!(fed < CHUNKED_HEAD.len() + MAX_TRAILERS + 16, "{fed}");
-        assert!(
-            work <= 4 * fed as u64,
-            "{work} units of work for {fed} bytes"
-        );
 
         // A long chunk extension: 400 at the chunk-line limit.
-        let mut ext = CHUNKED_HEAD.to_vec();
-        ext.extend_from_slice(b"1;name=");
-        ext.extend(std::iter::repeat_n(b'v', 80_000));
-        let (out, fed, work) = trickle(&ext);
+        let (out, fed) = trickle_linear(&endless(&[CHUNKED_HEAD, b"1;name="], b'v'));
         assert_eq!(out, Err(HttpError::BadRequest("chunk extension too long")));
         assert!(fed <= CHUNKED_HEAD.len() + MAX_CHUNK_LINE + 1, "{fed}");
-        assert!(
-            work <= 4 * fed as u64,
-            "{work} units of work for {fed} bytes"
-        );
 
         // A head that never ends: 431 at the head limit.
-        let mut head = b"GET /health HTTP/1.1\r\nX-Long: ".to_vec();
-        head.extend(std::iter::repeat_n(b'a', 80_000));
-        let (out, fed, work) = trickle(&head);
+        let (out, fed) = trickle_linear(&endless(&[b"GET /health HTTP/1.1\r\nX-Long: "], b'a'));
         assert_eq!(out, Err(HttpError::HeadersTooLarge));
         assert!(fed <= MAX_HEAD + 1, "{fed}");
-        assert!(
-            work <= 4 * fed as u64,
-            "{work} units of work for {fed} bytes"
-        );
 
         // A Content-Length body, one byte per read.
         let mut cl = b"POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: x\r\n\
             Content-Length: 60000\r\n\r\n"
             .to_vec();
         cl.extend(std::iter::repeat_n(b' ', 60_000));
-        let (out, fed, work) = trickle(&cl);
+        let (out, _) = trickle_linear(&cl);
         assert_eq!(out, Ok(Some(60_000)));
-        assert!(
-            work <= 4 * fed as u64,
-            "{work} units of work for {fed} bytes"
-        );
     }
 
     #[test]
