@@ -13,6 +13,19 @@ fn bin() -> Command {
     c
 }
 
+/// Runs `flagsmith-sse --healthcheck` with `env`: its exit code and its stderr.
+fn healthcheck(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = bin()
+        .arg("--healthcheck")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn help_lists_every_variable_with_its_default() {
     let out = bin().arg("--help").output().unwrap();
@@ -51,25 +64,12 @@ fn unknown_argument_exits_2() {
 fn healthcheck_probes_a_live_server_and_fails_without_one() {
     let server = Server::start(&[]);
     let port = server.addr.port().to_string();
-    let ok = bin()
-        .arg("--healthcheck")
-        .env("PORT", &port)
-        .output()
-        .unwrap();
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let (code, stderr) = healthcheck(&[("PORT", &port)]);
+    assert_eq!(code, Some(0), "{stderr}");
     drop(server);
-    let down = bin()
-        .arg("--healthcheck")
-        .env("PORT", &port)
-        .output()
-        .unwrap();
-    assert_eq!(down.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&down.stderr).contains("unhealthy"));
+    let (code, stderr) = healthcheck(&[("PORT", &port)]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("unhealthy"));
 }
 
 #[test]
@@ -90,11 +90,7 @@ fn first_log_lines_show_the_configuration_without_secrets() {
 #[test]
 fn embedded_store_is_announced() {
     let server = Server::start(&[]);
-    assert!(
-        server.wait_log("embedded in-memory store", Duration::from_secs(5)),
-        "{}",
-        server.log()
-    );
+    server.assert_log("embedded in-memory store", Duration::from_secs(5));
 }
 
 #[test]
@@ -113,11 +109,7 @@ fn reuse_port_lets_two_processes_share_a_port() {
     let a = Server::start(&env);
     let b = Server::start(&env);
     for s in [&a, &b] {
-        assert!(
-            s.wait_log("listening for wake-ups", Duration::from_secs(10)),
-            "{}",
-            s.log()
-        );
+        s.assert_log("listening for wake-ups", Duration::from_secs(10));
     }
     assert_eq!(a.addr, b.addr);
     // The kernel spreads connections over both processes; keep subscribing until each holds
@@ -194,39 +186,15 @@ fn healthcheck_probes_the_bound_address() {
         let server = Server::start(&[("BIND_ADDRESS", bind)]);
         assert_eq!(server.addr.ip().to_string(), bind);
         let port = server.addr.port().to_string();
-        let ok = bin()
-            .arg("--healthcheck")
-            .env("PORT", &port)
-            .env("BIND_ADDRESS", bind)
-            .output()
-            .unwrap();
-        assert_eq!(
-            ok.status.code(),
-            Some(0),
-            "{bind}: {}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
+        let (code, stderr) = healthcheck(&[("PORT", &port), ("BIND_ADDRESS", bind)]);
+        assert_eq!(code, Some(0), "{bind}: {stderr}");
         // Nothing listens on that port at 127.0.0.1: the probe went to the bound address.
-        let elsewhere = bin()
-            .arg("--healthcheck")
-            .env("PORT", &port)
-            .env("BIND_ADDRESS", "127.0.0.1")
-            .output()
-            .unwrap();
-        assert_eq!(elsewhere.status.code(), Some(1), "{bind}");
+        let (elsewhere, _) = healthcheck(&[("PORT", &port), ("BIND_ADDRESS", "127.0.0.1")]);
+        assert_eq!(elsewhere, Some(1), "{bind}");
     }
     // An unspecified IPv6 address is probed at ::1.
     let server = Server::start(&[("BIND_ADDRESS", "::")]);
-    let ok = bin()
-        .arg("--healthcheck")
-        .env("PORT", server.addr.port().to_string())
-        .env("BIND_ADDRESS", "::")
-        .output()
-        .unwrap();
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let port = server.addr.port().to_string();
+    let (code, stderr) = healthcheck(&[("PORT", &port), ("BIND_ADDRESS", "::")]);
+    assert_eq!(code, Some(0), "{stderr}");
 }

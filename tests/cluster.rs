@@ -7,6 +7,7 @@
 
 mod common;
 use common::*;
+use flagsmith_sse::store::notify::CHANNEL;
 use flagsmith_sse::store::redis::{EPOCH_KEY, LOG_KEY, TIMES_KEY};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,16 +21,22 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// An instance in cluster mode with `nodes` as its seeds.
+/// An instance in cluster mode with `nodes` as its seeds and a fetch every `interval` seconds.
 #[track_caller]
-fn instance(nodes: &str) -> Server {
+fn instance_every(nodes: &str, interval: &str) -> Server {
     Server::start(&[
         ("USE_CLUSTER_MODE", "true"),
         ("REDIS_URL", nodes),
-        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", interval),
         ("STREAM_DELAY", "0"),
         ("MAX_STREAM_AGE", "-1"),
     ])
+}
+
+/// An instance in cluster mode with `nodes` as its seeds.
+#[track_caller]
+fn instance(nodes: &str) -> Server {
+    instance_every(nodes, "0.2")
 }
 
 /// Every update until none comes for `quiet`.
@@ -62,21 +69,12 @@ fn changes_cross_instances_through_the_node_holding_the_slot() {
 
     let mut on_b = Subscriber::connect(b.addr, "cluster-env");
     post_ok(a.addr, "cluster-env", BASE, BASE);
-    assert_eq!(
-        on_b.next_update(Duration::from_secs(3)),
-        Some(epoch_text(BASE))
-    );
+    assert_next_update(&mut on_b, BASE, Duration::from_secs(3));
     let mut on_a = Subscriber::connect(a.addr, "cluster-env");
-    assert_eq!(
-        on_a.next_update(Duration::from_secs(2)),
-        Some(epoch_text(BASE))
-    );
+    assert_next_update(&mut on_a, BASE, Duration::from_secs(2));
     post_ok(b.addr, "cluster-env", BASE + 1_000_001, BASE + 1_000_001);
     post_ok(b.addr, "other-env", BASE + 2, BASE + 2);
-    assert_eq!(
-        on_a.next_update(Duration::from_secs(3)),
-        Some(epoch_text(BASE + 1_000_001))
-    );
+    assert_next_update(&mut on_a, BASE + 1_000_001, Duration::from_secs(3));
     // Older and repeated times move nothing.
     let r = post_micros(a.addr, "cluster-env", BASE);
     assert_eq!(r.status, 200);
@@ -139,14 +137,8 @@ fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
     let mut on_b = Subscriber::connect(b.addr, "restart-env");
     let (t0, t1, t2, t3) = (BASE, BASE + 1_000_001, BASE + 2_000_001, BASE + 3_000_001);
     post_ok(a.addr, "restart-env", t1, t1);
-    assert_eq!(
-        on_a.next_update(Duration::from_secs(2)),
-        Some(epoch_text(t1))
-    );
-    assert_eq!(
-        on_b.next_update(Duration::from_secs(3)),
-        Some(epoch_text(t1))
-    );
+    assert_next_update(&mut on_a, t1, Duration::from_secs(2));
+    assert_next_update(&mut on_b, t1, Duration::from_secs(3));
     // a applied its own write without a fetch: let both fetch once, so that each knows the
     // data's epoch before the node loses it.
     wait_fetched(&a);
@@ -157,7 +149,7 @@ fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
     let killed = Instant::now();
     for server in [&a, &b] {
         assert!(
-            wait_until(Duration::from_secs(4), || readiness(server.addr) == 503),
+            readiness_within(server.addr, 503, Duration::from_secs(4)),
             "readiness stays 200 with the slot's node down:\n{}",
             server.log()
         );
@@ -197,25 +189,13 @@ fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
     assert_eq!(cluster.owner_of("{flagsmith_sse}"), owner);
     // An older time is stored again in the empty Redis; no client may see it.
     assert!(
-        wait_until(Duration::from_secs(10), || post_micros(
-            b.addr,
-            "restart-env",
-            t0
-        )
-        .status
-            == 200),
+        accepted_within(b.addr, "restart-env", t0, Duration::from_secs(10)),
         "queue-change not accepted after the restart:\n{}",
         b.log()
     );
     // a may still be waiting out its backoff.
     assert!(
-        wait_until(Duration::from_secs(5), || post_micros(
-            a.addr,
-            "restart-env",
-            t3
-        )
-        .status
-            == 200),
+        accepted_within(a.addr, "restart-env", t3, Duration::from_secs(5)),
         "queue-change not accepted after the restart:\n{}",
         a.log()
     );
@@ -223,14 +203,8 @@ fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
         "writes accepted {:?} after the restart",
         restarted.elapsed()
     );
-    assert_eq!(
-        on_a.next_update(Duration::from_secs(3)),
-        Some(epoch_text(t3))
-    );
-    assert_eq!(
-        on_b.next_update(Duration::from_secs(3)),
-        Some(epoch_text(t3))
-    );
+    assert_next_update(&mut on_a, t3, Duration::from_secs(3));
+    assert_next_update(&mut on_b, t3, Duration::from_secs(3));
     for server in [&a, &b] {
         assert_resynchronised(server, "restart-env", t3);
     }
@@ -246,16 +220,6 @@ fn the_node_holding_the_slot_restarts_empty_and_instances_resynchronise() {
     assert!(errors >= 1.0, "no Redis errors counted");
 }
 
-/// Sends `sig` to a process of the test's own.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} {pid}");
-}
-
 #[test]
 fn a_hung_node_holding_the_slot_makes_requests_fail_within_seconds() {
     let _serial = serial();
@@ -266,16 +230,13 @@ fn a_hung_node_holding_the_slot_makes_requests_fail_within_seconds() {
     wait_ready(&a);
     let mut sub = Subscriber::connect(a.addr, "hung-env");
     post_ok(a.addr, "hung-env", BASE, BASE);
-    assert_eq!(
-        sub.next_update(Duration::from_secs(2)),
-        Some(epoch_text(BASE))
-    );
+    assert_next_update(&mut sub, BASE, Duration::from_secs(2));
 
     // The node still accepts connections (the kernel does) but answers nothing. For five
     // seconds, queue-changes keep coming (paced, not synchronised): each must be answered
     // within a read timeout plus one reconnection, whose handshakes with the hung node time
     // out, even after the backoff lets the instance try that node again.
-    signal(pid, "STOP");
+    signal_pid(pid, "STOP");
     let stopped = Instant::now();
     let mut waits = Vec::new();
     let mut i = 0;
@@ -294,27 +255,18 @@ fn a_hung_node_holding_the_slot_makes_requests_fail_within_seconds() {
         waits.len()
     );
     assert!(slowest < Duration::from_secs(6), "{waits:?}");
-    assert!(wait_until(Duration::from_secs(8), || readiness(a.addr) == 503));
+    assert!(readiness_within(a.addr, 503, Duration::from_secs(8)));
     assert!(!sub.ended);
 
-    signal(pid, "CONT");
+    signal_pid(pid, "CONT");
     let resumed = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(10), || post_micros(
-            a.addr,
-            "hung-env",
-            BASE + 99
-        )
-        .status
-            == 200),
+        accepted_within(a.addr, "hung-env", BASE + 99, Duration::from_secs(10)),
         "queue-change not accepted after the node resumed:\n{}",
         a.log()
     );
-    assert_eq!(
-        sub.next_update(Duration::from_secs(3)),
-        Some(epoch_text(BASE + 99))
-    );
-    assert!(wait_until(Duration::from_secs(3), || readiness(a.addr) == 200));
+    assert_next_update(&mut sub, BASE + 99, Duration::from_secs(3));
+    assert!(readiness_within(a.addr, 200, Duration::from_secs(3)));
     println!(
         "accepted and delivered again {:?} after the node resumed",
         resumed.elapsed()
@@ -325,38 +277,20 @@ fn a_hung_node_holding_the_slot_makes_requests_fail_within_seconds() {
 /// another instance's write came through the wake-up.
 #[track_caller]
 fn slow_instance(nodes: &str) -> Server {
-    Server::start(&[
-        ("USE_CLUSTER_MODE", "true"),
-        ("REDIS_URL", nodes),
-        ("CACHE_UPDATE_INTERVAL_SECONDS", "30"),
-        ("STREAM_DELAY", "0"),
-        ("MAX_STREAM_AGE", "-1"),
-    ])
+    instance_every(nodes, "30")
 }
 
-/// Reads updates until `micros` arrives: how long that took, or `None` after `timeout`.
-fn time_to(sub: &mut Subscriber, micros: i64, timeout: Duration) -> Option<Duration> {
-    let want = epoch_text(micros);
-    let started = Instant::now();
-    let deadline = started + timeout;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match sub.next_update(left) {
-            Some(got) if got == want => return Some(started.elapsed()),
-            Some(_) => {}
-            None => return None,
-        }
-    }
-    None
-}
-
+/// Three more changes posted on `a`, each reaching `on_b` within a second of its post.
 #[track_caller]
-fn wait_listening(server: &Server) {
-    wait_ready(server);
-    assert!(
-        server.wait_log("listening for wake-ups on", Duration::from_secs(10)),
-        "{}",
-        server.log()
-    );
+fn three_cross_at_once(a: &Server, on_b: &mut Subscriber, key: &str, mut t: i64) {
+    for _ in 0..3 {
+        t += 1_000_001;
+        let posted = Instant::now();
+        post_ok(a.addr, key, t, t);
+        assert!(time_to(on_b, t, Duration::from_secs(5)).is_some());
+        let took = posted.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
 }
 
 #[test]
@@ -371,11 +305,8 @@ fn a_wake_up_crosses_nodes_between_instances_seeded_with_different_nodes() {
     wait_listening(&a);
     wait_listening(&b);
     for (i, node) in cluster.nodes.iter().enumerate() {
-        let subscribers = node
-            .cli(&["PUBSUB", "NUMSUB", "{flagsmith_sse}:wake"])
-            .unwrap_or_default();
-        let want = if i == owner { "0" } else { "1" };
-        assert_eq!(subscribers.lines().nth(1), Some(want), "node {i}");
+        let want = if i == owner { 0 } else { 1 };
+        assert_eq!(node.subscribers(CHANNEL), Some(want), "node {i}");
     }
     let mut on_b = Subscriber::connect(b.addr, "cross-env");
     let mut waits = Vec::new();
@@ -418,13 +349,9 @@ fn wake_ups_resume_after_the_node_carrying_them_restarts() {
         cluster.wait_ok(Duration::from_secs(20)),
         "the cluster did not recover"
     );
-    assert!(
-        b.wait_log(
-            "wake-up listener lost its Redis connection",
-            Duration::from_secs(5)
-        ),
-        "{}",
-        b.log()
+    b.assert_log(
+        "wake-up listener lost its Redis connection",
+        Duration::from_secs(5),
     );
     assert!(
         b.wait_log(
@@ -436,15 +363,9 @@ fn wake_ups_resume_after_the_node_carrying_them_restarts() {
     );
     // The node came back empty: the first write after it may wait for the instances' store
     // connections to recover; then each change crosses at once again.
-    let mut t = BASE + 1_000_001;
+    let t = BASE + 1_000_001;
     assert!(
-        wait_until(Duration::from_secs(10), || post_micros(
-            a.addr,
-            "failover-env",
-            t
-        )
-        .status
-            == 200),
+        accepted_within(a.addr, "failover-env", t, Duration::from_secs(10)),
         "{}",
         a.log()
     );
@@ -453,57 +374,7 @@ fn wake_ups_resume_after_the_node_carrying_them_restarts() {
         "{}",
         b.log()
     );
-    for _ in 0..3 {
-        t += 1_000_001;
-        let posted = Instant::now();
-        post_ok(a.addr, "failover-env", t, t);
-        assert!(time_to(&mut on_b, t, Duration::from_secs(5)).is_some());
-        let took = posted.elapsed();
-        assert!(took < Duration::from_secs(1), "{took:?}");
-    }
-}
-
-/// Adds a replica of node `primary` to the cluster and waits until it is in sync.
-#[track_caller]
-fn add_replica(cluster: &Cluster, primary: usize) -> Redis {
-    let bus = free_port().to_string();
-    let replica = Redis::start_on(
-        free_port(),
-        &[
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-port",
-            &bus,
-            "--cluster-node-timeout",
-            "60000",
-        ],
-    );
-    let id = cluster.nodes[primary]
-        .cli(&["CLUSTER", "MYID"])
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    let out = std::process::Command::new("redis-cli")
-        .args(["--cluster", "add-node"])
-        .arg(format!("127.0.0.1:{}", replica.port))
-        .arg(format!("127.0.0.1:{}", cluster.nodes[primary].port))
-        .args(["--cluster-slave", "--cluster-master-id", &id])
-        .output()
-        .expect("redis-cli");
-    assert!(
-        out.status.success(),
-        "add-node: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || replica
-            .cli(&["INFO", "replication"])
-            .is_some_and(|i| i.contains("master_link_status:up"))),
-        "the replica did not sync"
-    );
-    replica
+    three_cross_at_once(&a, &mut on_b, "failover-env", t);
 }
 
 #[test]
@@ -511,7 +382,7 @@ fn wake_ups_survive_a_failover_of_the_node_the_listener_is_on() {
     let _serial = serial();
     let mut cluster = Cluster::start();
     let owner = cluster.owner_of("{flagsmith_sse}");
-    let replica = add_replica(&cluster, owner);
+    let replica = cluster.add_replica(owner);
     // b's first seed is the primary of the keys: its listener subscribes there.
     let others: Vec<String> = (0..3)
         .filter(|i| *i != owner)
@@ -522,15 +393,11 @@ fn wake_ups_survive_a_failover_of_the_node_the_listener_is_on() {
     let b = slow_instance(&b_seeds);
     wait_listening(&a);
     wait_listening(&b);
-    let subscribed = |n: &Redis| {
-        n.cli(&["PUBSUB", "NUMSUB", "{flagsmith_sse}:wake"])
-            .unwrap_or_default()
-            .lines()
-            .nth(1)
-            .and_then(|c| c.parse::<u32>().ok())
-            .unwrap_or(0)
-    };
-    assert!(subscribed(&cluster.nodes[owner]) >= 1);
+    assert!(
+        cluster.nodes[owner]
+            .subscribers(CHANNEL)
+            .is_some_and(|n| n >= 1)
+    );
     let mut on_b = Subscriber::connect(b.addr, "failover-wake");
     post_ok(a.addr, "failover-wake", BASE, BASE);
     let took = time_to(&mut on_b, BASE, Duration::from_secs(5)).expect("delivered");
@@ -560,15 +427,9 @@ fn wake_ups_survive_a_failover_of_the_node_the_listener_is_on() {
         "the listener did not move to another node:\n{}",
         b.log()
     );
-    let mut t = BASE + 1_000_001;
+    let t = BASE + 1_000_001;
     assert!(
-        wait_until(Duration::from_secs(15), || post_micros(
-            a.addr,
-            "failover-wake",
-            t
-        )
-        .status
-            == 200),
+        accepted_within(a.addr, "failover-wake", t, Duration::from_secs(15)),
         "writes did not resume after the failover:\n{}",
         a.log()
     );
@@ -581,12 +442,5 @@ fn wake_ups_survive_a_failover_of_the_node_the_listener_is_on() {
         "{}",
         b.log()
     );
-    for _ in 0..3 {
-        t += 1_000_001;
-        let posted = Instant::now();
-        post_ok(a.addr, "failover-wake", t, t);
-        assert!(time_to(&mut on_b, t, Duration::from_secs(5)).is_some());
-        let took = posted.elapsed();
-        assert!(took < Duration::from_secs(1), "{took:?}");
-    }
+    three_cross_at_once(&a, &mut on_b, "failover-wake", t);
 }

@@ -23,19 +23,22 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// An instance on `redis_url` fetching every 0.2 s, with `extra` settings.
+#[track_caller]
+fn instance(redis_url: &str, extra: &[(&str, &str)]) -> Server {
+    let mut env = vec![
+        ("REDIS_URL", redis_url),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
+        ("STREAM_DELAY", "0"),
+        ("MAX_STREAM_AGE", "-1"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start(&env)
+}
+
 /// A value from /metrics (0 when absent).
 fn metric(server: &Server, series: &str) -> f64 {
     server.metrics().get(series).copied().unwrap_or(0.0)
-}
-
-/// Sends `sig` to a process by pid.
-fn kill(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} {pid}");
 }
 
 fn now_micros() -> i64 {
@@ -47,20 +50,11 @@ fn a_primary_demoted_to_replica_gets_503s_until_promoted_again() {
     let _serial = serial();
     let a = Redis::start();
     let b = Redis::start();
-    let url = a.url();
-    let server = Server::start(&[
-        ("REDIS_URL", url.as_str()),
-        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
-        ("STREAM_DELAY", "0"),
-        ("MAX_STREAM_AGE", "-1"),
-    ]);
+    let server = instance(&a.url(), &[]);
     wait_ready(&server);
     let mut sub = Subscriber::connect(server.addr, "failover");
     post_ok(server.addr, "failover", BASE, BASE);
-    assert_eq!(
-        sub.next_update(Duration::from_secs(3)),
-        Some(epoch_text(BASE))
-    );
+    assert_next_update(&mut sub, BASE, Duration::from_secs(3));
     let connects = "flagsmith_sse_redis_commands_total{command=\"connect\"}";
     let connects_before = metric(&server, connects);
 
@@ -73,7 +67,7 @@ fn a_primary_demoted_to_replica_gets_503s_until_promoted_again() {
     let demoted = Instant::now();
     // Readiness says so before any queue-change tries: fetches check that writes work.
     assert!(
-        wait_until(Duration::from_secs(3), || readiness(server.addr) == 503),
+        readiness_within(server.addr, 503, Duration::from_secs(3)),
         "readiness stays 200 while the node refuses writes"
     );
     println!(
@@ -99,11 +93,7 @@ fn a_primary_demoted_to_replica_gets_503s_until_promoted_again() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!sub.ended, "the stream was closed during the failover");
-    assert!(
-        server.wait_log("READONLY", Duration::from_secs(1)),
-        "{}",
-        server.log()
-    );
+    server.assert_log("READONLY", Duration::from_secs(1));
 
     // A is promoted again: 200s within a few seconds, and the subscriber gets the change.
     a.cli(&["REPLICAOF", "NO", "ONE"]).unwrap();
@@ -124,9 +114,9 @@ fn a_primary_demoted_to_replica_gets_503s_until_promoted_again() {
     let first_ok = first_ok.expect("no 200 within 10 s of REPLICAOF NO ONE");
     println!("REPLICAOF NO ONE to the first 200: {first_ok:?} ({posts} posts)");
     assert!(first_ok < Duration::from_secs(5), "{first_ok:?}");
-    assert_eq!(sub.next_update(Duration::from_secs(3)), Some(epoch_text(t)));
+    assert_next_update(&mut sub, t, Duration::from_secs(3));
     assert!(
-        wait_until(Duration::from_secs(3), || readiness(server.addr) == 200),
+        readiness_within(server.addr, 200, Duration::from_secs(3)),
         "readiness not back"
     );
     assert!(
@@ -147,32 +137,14 @@ fn a_primary_demoted_to_replica_gets_503s_until_promoted_again() {
     );
 }
 
-/// Waits until `replica` reports its link to the primary up.
-#[track_caller]
-fn wait_replica_linked(replica: &Redis) {
-    assert!(
-        wait_until(Duration::from_secs(10), || replica
-            .cli(&["INFO", "replication"])
-            .is_some_and(|i| i.contains("master_link_status:up"))),
-        "the replica did not connect to its primary"
-    );
-}
-
 #[test]
 fn redis_wait_replicas_answers_200_only_once_a_replica_acknowledged() {
     let _serial = serial();
     let primary = Redis::start();
     let primary_port = primary.port.to_string();
     let mut replica = Redis::start_args(&["--replicaof", "127.0.0.1", &primary_port]);
-    wait_replica_linked(&replica);
-    let url = primary.url();
-    let server = Server::start(&[
-        ("REDIS_URL", url.as_str()),
-        ("REDIS_WAIT_REPLICAS", "1"),
-        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
-        ("STREAM_DELAY", "0"),
-        ("MAX_STREAM_AGE", "-1"),
-    ]);
+    replica.wait_linked(Duration::from_secs(10));
+    let server = instance(&primary.url(), &[("REDIS_WAIT_REPLICAS", "1")]);
     wait_ready(&server);
     let mut sub = Subscriber::connect(server.addr, "waited");
     let wait = "flagsmith_sse_redis_commands_total{command=\"wait\"}";
@@ -192,7 +164,7 @@ fn redis_wait_replicas_answers_200_only_once_a_replica_acknowledged() {
     assert!(metric(&server, wait) >= 3.0);
 
     // The replica stops answering: the write is made on the primary, but not acknowledged.
-    kill(replica.pid(), "STOP");
+    signal_pid(replica.pid(), "STOP");
     let mut refused = Vec::new();
     for i in 0..3 {
         let asked = Instant::now();
@@ -214,15 +186,9 @@ fn redis_wait_replicas_answers_200_only_once_a_replica_acknowledged() {
     }
     assert_eq!(last, epoch_text(BASE + 12));
 
-    kill(replica.pid(), "CONT");
+    signal_pid(replica.pid(), "CONT");
     assert!(
-        wait_until(Duration::from_secs(10), || post_micros(
-            server.addr,
-            "waited",
-            BASE + 20
-        )
-        .status
-            == 200),
+        accepted_within(server.addr, "waited", BASE + 20, Duration::from_secs(10)),
         "no 200 after the replica resumed"
     );
 
@@ -316,22 +282,13 @@ fn a_store_stuck_inside_a_call_gets_503s_and_its_late_answer_is_not_lost() {
     let _serial = serial();
     let redis = Redis::start();
     let relay = SlowRelay::start(redis.port);
-    let url = relay.url();
-    let server = Server::start(&[
-        ("REDIS_URL", url.as_str()),
-        ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
-        ("STREAM_DELAY", "0"),
-        ("MAX_STREAM_AGE", "-1"),
-    ]);
+    let server = instance(&relay.url(), &[]);
     wait_ready(&server);
     let mut sub = Subscriber::connect(server.addr, "stuck");
     let mut poster = TcpStream::connect(server.addr).unwrap();
     let r = exchange(&mut poster, &queue_change_request("stuck", BASE));
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        sub.next_update(Duration::from_secs(3)),
-        Some(epoch_text(BASE))
-    );
+    assert_next_update(&mut sub, BASE, Duration::from_secs(3));
     let unavailable = "flagsmith_sse_queue_changes_total{result=\"unavailable\"}";
     let ok = "flagsmith_sse_queue_changes_total{result=\"ok\"}";
     let (unavailable_before, ok_before) = (metric(&server, unavailable), metric(&server, ok));
@@ -340,7 +297,7 @@ fn a_store_stuck_inside_a_call_gets_503s_and_its_late_answer_is_not_lost() {
     relay.slow.store(true, Ordering::SeqCst);
     let stuck = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(5), || readiness(server.addr) == 503),
+        readiness_within(server.addr, 503, Duration::from_secs(5)),
         "readiness stays 200 while the store helper is stuck"
     );
     println!(
@@ -366,10 +323,7 @@ fn a_store_stuck_inside_a_call_gets_503s_and_its_late_answer_is_not_lost() {
     // Redis answers at full speed again: the late write completes and reaches the subscriber,
     // and the queue-change it belonged to is not answered a second time.
     relay.slow.store(false, Ordering::SeqCst);
-    assert_eq!(
-        sub.next_update(Duration::from_secs(10)),
-        Some(epoch_text(BASE + 1))
-    );
+    assert_next_update(&mut sub, BASE + 1, Duration::from_secs(10));
     let r = exchange(
         &mut poster,
         "GET /health/liveness/ HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -390,13 +344,8 @@ fn a_store_stuck_inside_a_call_gets_503s_and_its_late_answer_is_not_lost() {
     }
     let r = exchange(&mut poster, &queue_change_request("stuck", BASE + 2));
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(
-        sub.next_update(Duration::from_secs(3)),
-        Some(epoch_text(BASE + 2))
-    );
-    assert!(wait_until(Duration::from_secs(5), || readiness(
-        server.addr
-    ) == 200));
+    assert_next_update(&mut sub, BASE + 2, Duration::from_secs(3));
+    assert!(readiness_within(server.addr, 200, Duration::from_secs(5)));
     assert_eq!(metric(&server, unavailable) - unavailable_before, 1.0);
     assert_eq!(metric(&server, ok) - ok_before, 1.0);
 }
@@ -472,10 +421,7 @@ fn the_readme_repair_of_a_stored_future_time_works() {
     // The environment is frozen: a real change stores nothing new, anywhere.
     post_ok(b.addr, "frozen", now, year_9999);
     let mut on_b = Subscriber::connect(b.addr, "frozen");
-    assert_eq!(
-        on_b.next_update(Duration::from_secs(3)),
-        Some(epoch_text(year_9999))
-    );
+    assert_next_update(&mut on_b, year_9999, Duration::from_secs(3));
 
     // The documented repair (docs/REDIS.md): put a sane time into the hash ...
     let repaired = now_micros();
@@ -489,32 +435,18 @@ fn the_readme_repair_of_a_stored_future_time_works() {
         .expect("redis-cli HSET");
     // ... (a running instance keeps its newer cached time: that is why each one restarts) ...
     let mut still = Subscriber::connect(b.addr, "frozen");
-    assert_eq!(
-        still.next_update(Duration::from_secs(3)),
-        Some(epoch_text(year_9999))
-    );
+    assert_next_update(&mut still, year_9999, Duration::from_secs(3));
     // (Nor does a new epoch help: the instances load a snapshot, and keep their newer time.)
-    assert!(
-        b.wait_log(
-            "loaded a snapshot of 1 environments",
-            Duration::from_secs(3)
-        ),
-        "{}",
-        b.log()
+    b.assert_log(
+        "loaded a snapshot of 1 environments",
+        Duration::from_secs(3),
     );
     redis
         .cli(&["SET", "{flagsmith_sse}:epoch", "operator-repair"])
         .unwrap();
-    assert!(
-        b.wait_log("epoch changed", Duration::from_secs(3)),
-        "{}",
-        b.log()
-    );
+    b.assert_log("epoch changed", Duration::from_secs(3));
     let mut after_epoch = Subscriber::connect(b.addr, "frozen");
-    assert_eq!(
-        after_epoch.next_update(Duration::from_secs(3)),
-        Some(epoch_text(year_9999))
-    );
+    assert_next_update(&mut after_epoch, year_9999, Duration::from_secs(3));
     // ... and restart every instance.
     drop((a, b, on_b, still, after_epoch));
     let a = Server::start(&env);
@@ -523,59 +455,19 @@ fn the_readme_repair_of_a_stored_future_time_works() {
     wait_ready(&b);
     let mut on_a = Subscriber::connect(a.addr, "frozen");
     let mut on_b = Subscriber::connect(b.addr, "frozen");
-    assert_eq!(
-        on_a.next_update(Duration::from_secs(3)),
-        Some(epoch_text(repaired))
-    );
-    assert_eq!(
-        on_b.next_update(Duration::from_secs(3)),
-        Some(epoch_text(repaired))
-    );
+    assert_next_update(&mut on_a, repaired, Duration::from_secs(3));
+    assert_next_update(&mut on_b, repaired, Duration::from_secs(3));
     let next = repaired + 1_000_001;
     post_ok(a.addr, "frozen", next, next);
-    assert_eq!(
-        on_a.next_update(Duration::from_secs(3)),
-        Some(epoch_text(next))
-    );
-    assert_eq!(
-        on_b.next_update(Duration::from_secs(3)),
-        Some(epoch_text(next))
-    );
+    assert_next_update(&mut on_a, next, Duration::from_secs(3));
+    assert_next_update(&mut on_b, next, Duration::from_secs(3));
 }
 
 #[test]
 fn in_a_cluster_wait_goes_to_the_node_holding_the_slot() {
     let _serial = serial();
     let cluster = Cluster::start();
-    let owner = &cluster.nodes[cluster.owner_of(TIMES_KEY)];
-    let owner_id = owner.cli(&["CLUSTER", "MYID"]).expect("CLUSTER MYID");
-    let bus = free_port().to_string();
-    let replica = Redis::start_on(
-        free_port(),
-        &[
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-port",
-            &bus,
-            "--cluster-node-timeout",
-            "60000",
-        ],
-    );
-    let out = std::process::Command::new("redis-cli")
-        .args(["--cluster", "add-node"])
-        .arg(format!("127.0.0.1:{}", replica.port))
-        .arg(format!("127.0.0.1:{}", owner.port))
-        .args(["--cluster-slave", "--cluster-master-id", owner_id.trim()])
-        .output()
-        .expect("redis-cli");
-    assert!(
-        out.status.success(),
-        "add-node: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    wait_replica_linked(&replica);
+    let replica = cluster.add_replica(cluster.owner_of(TIMES_KEY));
     assert!(cluster.wait_ok(Duration::from_secs(20)));
     let urls = cluster.urls();
     let server = Server::start(&[
@@ -605,23 +497,17 @@ fn in_a_cluster_wait_goes_to_the_node_holding_the_slot() {
         text.contains(&(BASE + 1).to_string()),
         "the replica does not hold the acknowledged write: {text}"
     );
-    kill(replica.pid(), "STOP");
+    signal_pid(replica.pid(), "STOP");
     let asked = Instant::now();
     let r = post_micros(server.addr, "clustered", BASE + 2);
     let took = asked.elapsed();
-    kill(replica.pid(), "CONT");
+    signal_pid(replica.pid(), "CONT");
     println!("cluster, replica stopped: {} after {took:?}", r.status);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("0 of 1 replicas"), "{}", r.text());
     assert!(took < Duration::from_millis(2500), "{took:?}");
     assert!(
-        wait_until(Duration::from_secs(10), || post_micros(
-            server.addr,
-            "clustered",
-            BASE + 3
-        )
-        .status
-            == 200),
+        accepted_within(server.addr, "clustered", BASE + 3, Duration::from_secs(10)),
         "no 200 after the replica resumed"
     );
     assert!(
@@ -643,12 +529,7 @@ fn in_a_cluster_wait_goes_to_the_node_holding_the_slot() {
 fn readiness_follows_the_time_since_the_last_fetch_not_only_its_errors() {
     let _serial = serial();
     let redis = Redis::start();
-    let info = redis.cli(&["INFO", "server"]).unwrap();
-    let pid: u32 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|p| p.trim().parse().ok())
-        .expect("process_id");
+    let pid = redis.process_id();
     let url = redis.url();
     let server = Server::start(&[
         ("REDIS_URL", url.as_str()),
@@ -657,13 +538,13 @@ fn readiness_follows_the_time_since_the_last_fetch_not_only_its_errors() {
     wait_ready(&server);
     // A hung Redis: the helper sits in a read that times out only after 2 s, but three
     // intervals (0.6 s) without a completed fetch are enough for readiness to say 503.
-    kill(pid, "STOP");
+    signal_pid(pid, "STOP");
     let stopped = Instant::now();
-    let went = wait_until(Duration::from_secs(5), || readiness(server.addr) == 503);
+    let went = readiness_within(server.addr, 503, Duration::from_secs(5));
     let after = stopped.elapsed();
     let r = post_micros(server.addr, "hung", BASE);
     let post_took = stopped.elapsed() - after;
-    kill(pid, "CONT");
+    signal_pid(pid, "CONT");
     println!(
         "readiness 503 {after:?} after Redis was stopped; queue-change {} in {post_took:?}",
         r.status
@@ -672,9 +553,7 @@ fn readiness_follows_the_time_since_the_last_fetch_not_only_its_errors() {
     assert!(after < Duration::from_millis(1900), "{after:?}");
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(post_took < Duration::from_millis(3500), "{post_took:?}");
-    assert!(wait_until(Duration::from_secs(8), || readiness(
-        server.addr
-    ) == 200));
+    assert!(readiness_within(server.addr, 200, Duration::from_secs(8)));
     post_ok(server.addr, "hung", BASE + 1, BASE + 1);
 }
 
@@ -695,26 +574,16 @@ fn a_primary_short_of_replicas_for_min_replicas_to_write_is_not_writable_either(
     let r = post_micros(server.addr, "norep", BASE + 1);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("NOREPLICAS"), "{}", r.text());
-    assert!(wait_until(Duration::from_secs(3), || readiness(
-        server.addr
-    ) == 503));
+    assert!(readiness_within(server.addr, 503, Duration::from_secs(3)));
     redis
         .cli(&["CONFIG", "SET", "min-replicas-to-write", "0"])
         .unwrap();
     let lifted = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(5), || post_micros(
-            server.addr,
-            "norep",
-            BASE + 2
-        )
-        .status
-            == 200),
+        accepted_within(server.addr, "norep", BASE + 2, Duration::from_secs(5)),
         "no 200 once writes were allowed again"
     );
-    assert!(wait_until(Duration::from_secs(3), || readiness(
-        server.addr
-    ) == 200));
+    assert!(readiness_within(server.addr, 200, Duration::from_secs(3)));
     println!(
         "200 and ready again {:?} after the limit was lifted",
         lifted.elapsed()

@@ -95,26 +95,13 @@ impl Unread {
         }
     }
 
+    #[track_caller]
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        signal_pid(self.child.id(), sig);
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, timeout)
     }
 
     /// Times liveness probes on fresh connections while the log pipe is full.
@@ -272,11 +259,7 @@ fn access_log_at_debug_covers_requests_and_streams() {
     let mut sub = Subscriber::connect(server.addr, "env-a");
     assert!(sub.next_update(Duration::from_secs(5)).is_some());
     drop(sub);
-    assert!(
-        server.wait_log("stream closed", Duration::from_secs(5)),
-        "{}",
-        server.log()
-    );
+    server.assert_log("stream closed", Duration::from_secs(5));
     let log = server.log();
     let has = |parts: &[&str]| {
         log.lines().any(|l| {
@@ -393,11 +376,7 @@ fn redis_errors_name_the_host() {
         ("LOG_LEVEL", "info"),
         ("REDIS_URL", &format!("redis://:secret@127.0.0.1:{port}/0")),
     ]);
-    assert!(
-        server.wait_log("fetch from", Duration::from_secs(10)),
-        "{}",
-        server.log()
-    );
+    server.assert_log("fetch from", Duration::from_secs(10));
     let log = server.log();
     assert!(
         log.lines()
@@ -419,11 +398,7 @@ fn repeated_warnings_become_one_line_with_a_count() {
         let r = queue_change(server.addr, "k", &update_body(1_700_000_000 + i));
         assert_eq!(r.status, 503);
     }
-    assert!(
-        server.wait_log("(repeated ", Duration::from_secs(30)),
-        "{}",
-        server.log()
-    );
+    server.assert_log("(repeated ", Duration::from_secs(30));
     let log = server.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("not stored")).collect();
     assert!(lines.len() <= 3, "not aggregated: {log}");

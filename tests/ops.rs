@@ -24,16 +24,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// Reads updates until `micros` arrives (true) or `timeout` passes.
 fn wait_update(sub: &mut Subscriber, micros: i64, timeout: Duration) -> bool {
-    let want = epoch_text(micros);
-    let deadline = Instant::now() + timeout;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match sub.next_update(left) {
-            Some(got) if got == want => return true,
-            Some(_) => {}
-            None => return false,
-        }
-    }
-    false
+    time_to(sub, micros, timeout).is_some()
 }
 
 /// Scrapes `/metrics`; `None` when the server refused the connection (or it failed).
@@ -349,19 +340,9 @@ fn metrics_after_known_activity_are_exact() {
     assert!(!a1.ended && !b1.ended);
 }
 
-/// Arguments for a `redis-server` with ACL users: `sse`, allowed only the keys and commands
-/// the service uses, and `admin` for the test; the default user is off.
-const ACL_USERS: &[&str] = &[
-    "--user",
-    "default",
-    "off",
-    "--user",
-    "admin",
-    "on",
-    ">admin-pw",
-    "~*",
-    "&*",
-    "+@all",
+/// The `redis-server` argument for an ACL user `sse` allowed only the keys and commands the
+/// service uses (given to [`Redis::start_acl`], which adds `admin` for the test).
+const SSE_USER: &[&str] = &[
     "--user",
     "sse",
     "on",
@@ -390,12 +371,10 @@ const ACL_USERS: &[&str] = &[
     "+xtrim",
 ];
 
-const ADMIN: &[&str] = &["--user", "admin", "--pass", "admin-pw", "--no-auth-warning"];
-
 #[test]
 fn an_acl_user_limited_to_the_sse_keys_and_commands_is_enough() {
     let _serial = serial();
-    let redis = Redis::start_with_cli(free_port(), ACL_USERS, ADMIN);
+    let redis = Redis::start_acl(SSE_USER);
     let port = redis.port.to_string();
     let settings = [
         ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
@@ -449,7 +428,7 @@ fn an_acl_user_limited_to_the_sse_keys_and_commands_is_enough() {
 #[test]
 fn a_wrong_redis_password_fails_cleanly_and_recovers_once_it_is_right() {
     let _serial = serial();
-    let redis = Redis::start_with_cli(free_port(), ACL_USERS, ADMIN);
+    let redis = Redis::start_acl(SSE_USER);
     let port = redis.port.to_string();
     let mut server = Server::start(&[
         ("REDIS_HOST", "127.0.0.1"),
@@ -459,11 +438,7 @@ fn a_wrong_redis_password_fails_cleanly_and_recovers_once_it_is_right() {
         ("CACHE_UPDATE_INTERVAL_SECONDS", "0.2"),
         ("STREAM_DELAY", "0"),
     ]);
-    assert!(
-        server.wait_log("Redis connection failed", Duration::from_secs(5)),
-        "{}",
-        server.log()
-    );
+    server.assert_log("Redis connection failed", Duration::from_secs(5));
     assert!(
         server.log().contains("Password authentication failed"),
         "the log does not say why:\n{}",
@@ -606,11 +581,7 @@ fn redis_over_tls_refuses_an_untrusted_certificate_and_plain_text() {
         let mut env = env;
         env.extend_from_slice(&settings);
         let mut server = Server::start(&env);
-        assert!(
-            server.wait_log("Redis connection failed", Duration::from_secs(5)),
-            "{}",
-            server.log()
-        );
+        server.assert_log("Redis connection failed", Duration::from_secs(5));
         assert!(server.log().contains(why), "{}", server.log());
         assert_eq!(readiness(server.addr), 503);
         let r = post_micros(server.addr, "tls-env", BASE);

@@ -44,7 +44,7 @@ fn readiness(addr: SocketAddr) -> u16 {
 #[track_caller]
 fn wait_ready(server: &Server) {
     assert!(
-        wait_until(Duration::from_secs(10), || readiness(server.addr) == 200),
+        readiness_within(server.addr, 200, Duration::from_secs(10)),
         "instance not ready; log:\n{}",
         server.log()
     );
@@ -221,7 +221,7 @@ fn a_redis_outage_keeps_streams_open_and_recovers() {
     let killed = Instant::now();
     for server in [&a, &b] {
         assert!(
-            wait_until(Duration::from_secs(3), || readiness(server.addr) == 503),
+            readiness_within(server.addr, 503, Duration::from_secs(3)),
             "readiness stays 200 with Redis down"
         );
     }
@@ -375,13 +375,9 @@ fn an_instance_behind_a_trimmed_log_recovers_from_the_snapshot() {
         "every subscriber had its newest time {:?} after the instance resumed",
         resumed.elapsed()
     );
-    assert!(
-        b.wait_log(
-            "trimmed past this instance's position",
-            Duration::from_secs(2)
-        ),
-        "{}",
-        b.log()
+    b.assert_log(
+        "trimmed past this instance's position",
+        Duration::from_secs(2),
     );
     for sub in subs.iter_mut() {
         assert_eq!(updates_until_quiet(sub, Duration::from_millis(100)), []);
@@ -496,30 +492,11 @@ fn a_burst_of_changes_is_batched_and_every_subscriber_ends_newest() {
     }
 }
 
-/// Sends `sig` to our redis-server process, by the pid it reports in `INFO server`.
-fn signal_redis(pid: &str, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} {pid}");
-}
-
-fn redis_pid(redis: &Redis) -> String {
-    let info = redis.cli(&["INFO", "server"]).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .expect("process_id")
-        .trim()
-        .to_owned()
-}
-
 #[test]
 fn a_hung_redis_makes_requests_fail_within_seconds() {
     let _serial = serial();
     let redis = Redis::start();
-    let pid = redis_pid(&redis);
+    let pid = redis.process_id();
     let a = instance(
         &redis,
         &[
@@ -535,7 +512,7 @@ fn a_hung_redis_makes_requests_fail_within_seconds() {
         Some(epoch_text(BASE + 1))
     );
 
-    signal_redis(&pid, "STOP");
+    signal_pid(pid, "STOP");
     let stopped = Instant::now();
     let mut waits = Vec::new();
     for i in 0..3 {
@@ -551,11 +528,11 @@ fn a_hung_redis_makes_requests_fail_within_seconds() {
         waits.iter().all(|w| *w < Duration::from_secs(4)),
         "{waits:?}"
     );
-    assert!(wait_until(Duration::from_secs(6), || readiness(a.addr) == 503));
+    assert!(readiness_within(a.addr, 503, Duration::from_secs(6)));
     println!("readiness 503 {:?} after Redis hung", stopped.elapsed());
     assert!(!sub.ended);
 
-    signal_redis(&pid, "CONT");
+    signal_pid(pid, "CONT");
     let resumed = Instant::now();
     assert!(
         wait_until(Duration::from_secs(8), || post_micros(
@@ -571,7 +548,7 @@ fn a_hung_redis_makes_requests_fail_within_seconds() {
         sub.next_update(Duration::from_secs(3)),
         Some(epoch_text(BASE + 9))
     );
-    assert!(wait_until(Duration::from_secs(3), || readiness(a.addr) == 200));
+    assert!(readiness_within(a.addr, 200, Duration::from_secs(3)));
     println!(
         "accepted and delivered again {:?} after Redis resumed",
         resumed.elapsed()

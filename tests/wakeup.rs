@@ -40,15 +40,25 @@ fn instance(redis_url: &str, interval: &str, extra: &[(&str, &str)]) -> Server {
     Server::start(&env)
 }
 
-/// Waits until the instance is ready and its listener subscribed.
+/// Two instances on `redis_url` (see [`instance`]), each ready and its listener subscribed.
 #[track_caller]
-fn wait_listening(server: &Server) {
-    wait_ready(server);
-    assert!(
-        server.wait_log("listening for wake-ups on", Duration::from_secs(10)),
-        "the wake-up listener did not subscribe:\n{}",
-        server.log()
-    );
+fn listening_pair(redis_url: &str, interval: &str, extra: &[(&str, &str)]) -> (Server, Server) {
+    let a = instance(redis_url, interval, extra);
+    let b = instance(redis_url, interval, extra);
+    wait_listening(&a);
+    wait_listening(&b);
+    (a, b)
+}
+
+/// Two changes posted on `a`, each reaching `on_b` within [`WAKE_LIMIT`].
+#[track_caller]
+fn two_changes_wake_b(a: &Server, on_b: &mut Subscriber, key: &str) {
+    for i in 0..2 {
+        let t = BASE + i;
+        post_ok(a.addr, key, t, t);
+        let took = time_to(on_b, t, Duration::from_secs(5)).expect("delivered");
+        assert!(took < WAKE_LIMIT, "{took:?}");
+    }
 }
 
 /// `flagsmith_sse_fetches_total` by trigger.
@@ -63,21 +73,6 @@ fn fetches(server: &Server) -> HashMap<&'static str, f64> {
         .collect()
 }
 
-/// Reads updates until `micros` arrives: how long that took, or `None` after `timeout`.
-fn time_to(sub: &mut Subscriber, micros: i64, timeout: Duration) -> Option<Duration> {
-    let want = epoch_text(micros);
-    let started = Instant::now();
-    let deadline = started + timeout;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match sub.next_update(left) {
-            Some(got) if got == want => return Some(started.elapsed()),
-            Some(_) => {}
-            None => return None,
-        }
-    }
-    None
-}
-
 /// Log lines containing `needle`.
 fn count_lines(server: &Server, needle: &str) -> usize {
     server.log().lines().filter(|l| l.contains(needle)).count()
@@ -88,17 +83,10 @@ fn a_change_on_one_instance_reaches_the_other_within_a_second_five_times_in_a_ro
     let _serial = serial();
     let redis = Redis::start();
     let started = Instant::now();
-    let a = instance(&redis.url(), SLOW_FETCH, &[]);
-    let b = instance(&redis.url(), SLOW_FETCH, &[]);
-    wait_listening(&a);
-    wait_listening(&b);
+    let (a, b) = listening_pair(&redis.url(), SLOW_FETCH, &[]);
     assert_eq!(
-        redis
-            .cli(&["PUBSUB", "NUMSUB", CHANNEL])
-            .unwrap_or_default()
-            .lines()
-            .nth(1),
-        Some("2"),
+        redis.subscribers(CHANNEL),
+        Some(2),
         "both listeners subscribed"
     );
     let mut on_b = Subscriber::connect(b.addr, "wake-env");
@@ -211,10 +199,7 @@ fn a_killed_listener_connection_loses_no_change() {
     let _serial = serial();
     let redis = Redis::start();
     // A short interval: the periodic fetch is the safety net this test relies on.
-    let a = instance(&redis.url(), "1", &[]);
-    let b = instance(&redis.url(), "1", &[]);
-    wait_listening(&a);
-    wait_listening(&b);
+    let (a, b) = listening_pair(&redis.url(), "1", &[]);
     let mut on_b = Subscriber::connect(b.addr, "kill-env");
     for i in 0..3 {
         let t = BASE + i * 1_000_001;
@@ -232,22 +217,14 @@ fn a_killed_listener_connection_loses_no_change() {
             b.log()
         );
     }
-    assert!(
-        b.wait_log(
-            "wake-up listener lost its Redis connection",
-            Duration::from_secs(5)
-        ),
-        "{}",
-        b.log()
+    b.assert_log(
+        "wake-up listener lost its Redis connection",
+        Duration::from_secs(5),
     );
     // The listener is back (within the backoff cap) and wake-ups work again.
     assert!(
-        wait_until(Duration::from_secs(5), || redis
-            .cli(&["PUBSUB", "NUMSUB", CHANNEL])
-            .unwrap_or_default()
-            .lines()
-            .nth(1)
-            == Some("2")),
+        wait_until(Duration::from_secs(5), || redis.subscribers(CHANNEL)
+            == Some(2)),
         "the listeners did not subscribe again:\n{}",
         b.log()
     );
@@ -266,10 +243,7 @@ fn a_killed_listener_connection_loses_no_change() {
 fn a_listener_whose_connection_keeps_being_killed_backs_off() {
     let _serial = serial();
     let redis = Redis::start();
-    let a = instance(&redis.url(), "1", &[]);
-    let b = instance(&redis.url(), "1", &[]);
-    wait_listening(&a);
-    wait_listening(&b);
+    let (a, b) = listening_pair(&redis.url(), "1", &[]);
     let before = redis.calls("subscribe");
     // Kill every subscriber connection as soon as it appears, for two seconds.
     let started = Instant::now();
@@ -290,12 +264,8 @@ fn a_listener_whose_connection_keeps_being_killed_backs_off() {
     assert!(subscribes <= 20, "{subscribes} SUBSCRIBEs in 2 s");
     // Left alone, both subscribe again, and changes are delivered.
     assert!(
-        wait_until(Duration::from_secs(5), || redis
-            .cli(&["PUBSUB", "NUMSUB", CHANNEL])
-            .unwrap_or_default()
-            .lines()
-            .nth(1)
-            == Some("2")),
+        wait_until(Duration::from_secs(5), || redis.subscribers(CHANNEL)
+            == Some(2)),
         "{}",
         b.log()
     );
@@ -303,21 +273,6 @@ fn a_listener_whose_connection_keeps_being_killed_backs_off() {
     post_ok(a.addr, "flap-env", BASE, BASE);
     assert!(time_to(&mut on_b, BASE, Duration::from_secs(3)).is_some());
 }
-
-/// Arguments for a `redis-server` whose default user is off, with an `admin` for the test.
-const ADMIN_ONLY: &[&str] = &[
-    "--user",
-    "default",
-    "off",
-    "--user",
-    "admin",
-    "on",
-    ">admin-pw",
-    "~*",
-    "&*",
-    "+@all",
-];
-const ADMIN: &[&str] = &["--user", "admin", "--pass", "admin-pw", "--no-auth-warning"];
 
 /// The ACL rules of the README's `ACL SETUSER sse ...` line (after the user name); docs/REDIS.md
 /// must show the same line.
@@ -346,7 +301,7 @@ fn readme_acl_rules() -> Vec<String> {
 #[test]
 fn the_readme_acl_user_gets_wake_ups_and_nothing_is_denied() {
     let _serial = serial();
-    let redis = Redis::start_with_cli(free_port(), ADMIN_ONLY, ADMIN);
+    let redis = Redis::start_acl(&[]);
     let mut args = vec!["ACL", "SETUSER", "sse"];
     let rules = readme_acl_rules();
     args.extend(rules.iter().map(String::as_str));
@@ -357,17 +312,9 @@ fn the_readme_acl_user_gets_wake_ups_and_nothing_is_denied() {
             .is_some()
     );
     let url = format!("redis://sse:S3cret-pw@127.0.0.1:{}/0", redis.port);
-    let a = instance(&url, SLOW_FETCH, &[]);
-    let b = instance(&url, SLOW_FETCH, &[]);
-    wait_listening(&a);
-    wait_listening(&b);
+    let (a, b) = listening_pair(&url, SLOW_FETCH, &[]);
     let mut on_b = Subscriber::connect(b.addr, "acl-wake");
-    for i in 0..2 {
-        let t = BASE + i;
-        post_ok(a.addr, "acl-wake", t, t);
-        let took = time_to(&mut on_b, t, Duration::from_secs(5)).expect("delivered");
-        assert!(took < WAKE_LIMIT, "{took:?}");
-    }
+    two_changes_wake_b(&a, &mut on_b, "acl-wake");
     let denied = redis.cli(&["ACL", "LOG"]).unwrap_or_default();
     assert!(denied.trim().is_empty(), "ACL LOG:\n{denied}");
 }
@@ -375,7 +322,7 @@ fn the_readme_acl_user_gets_wake_ups_and_nothing_is_denied() {
 #[test]
 fn an_acl_user_without_the_channel_is_warned_once_and_served_by_the_periodic_fetch() {
     let _serial = serial();
-    let redis = Redis::start_with_cli(free_port(), ADMIN_ONLY, ADMIN);
+    let redis = Redis::start_acl(&[]);
     // Every command, every key, but no channel (`resetchannels`): PUBLISH and SUBSCRIBE are
     // refused with -NOPERM.
     let ok = redis.cli(&[
@@ -396,7 +343,7 @@ fn an_acl_user_without_the_channel_is_warned_once_and_served_by_the_periodic_fet
     wait_ready(&b);
     let warning = "Redis refused the wake-up channel";
     for s in [&a, &b] {
-        assert!(s.wait_log(warning, Duration::from_secs(5)), "{}", s.log());
+        s.assert_log(warning, Duration::from_secs(5));
     }
     let mut on_b = Subscriber::connect(b.addr, "nochan-env");
     for i in 0..3 {
@@ -438,16 +385,8 @@ fn wake_ups_travel_over_tls() {
     let ca = certs.path("ca.crt");
     let url = format!("rediss://localhost:{}/0", redis.port);
     let tls = [("SSL_CERT_FILE", ca.as_str())];
-    let a = instance(&url, SLOW_FETCH, &tls);
-    let b = instance(&url, SLOW_FETCH, &tls);
-    wait_listening(&a);
-    wait_listening(&b);
+    let (a, b) = listening_pair(&url, SLOW_FETCH, &tls);
     let mut on_b = Subscriber::connect(b.addr, "tls-wake");
-    for i in 0..2 {
-        let t = BASE + i;
-        post_ok(a.addr, "tls-wake", t, t);
-        let took = time_to(&mut on_b, t, Duration::from_secs(5)).expect("delivered");
-        assert!(took < WAKE_LIMIT, "{took:?}");
-    }
+    two_changes_wake_b(&a, &mut on_b, "tls-wake");
     assert_eq!(fetches(&b)["wakeup"], 2.0);
 }

@@ -91,27 +91,26 @@ impl Server {
         })
     }
 
+    /// Waits until a log line contains `needle`; fails the test, showing the log, if none does
+    /// within `timeout`.
+    #[track_caller]
+    pub fn assert_log(&self, needle: &str, timeout: Duration) {
+        assert!(
+            self.wait_log(needle, timeout),
+            "no log line with {needle:?} within {timeout:?}:\n{}",
+            self.log()
+        );
+    }
+
     /// Sends a signal to the process.
+    #[track_caller]
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status();
-        assert!(ok.map(|s| s.success()).unwrap_or(false), "kill -{sig}");
+        signal_pid(self.pid(), sig);
     }
 
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, timeout)
     }
 
     /// Reads a field of /proc/<pid>/status, in kB (e.g. "VmRSS").
@@ -177,6 +176,31 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends `sig` (e.g. "STOP", "CONT", "TERM") to a process of the test's own, by pid.
+#[track_caller]
+pub fn signal_pid(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Waits (polling every 20 ms) until `child` exits: its status, or `None` after `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -251,6 +275,17 @@ impl Redis {
         self.child.id()
     }
 
+    /// The process id the server reports in `INFO server`.
+    #[track_caller]
+    pub fn process_id(&self) -> u32 {
+        self.cli(&["INFO", "server"])
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("process_id in INFO server")
+    }
+
     #[track_caller]
     fn wait_up(&mut self) {
         let up = wait_until(Duration::from_secs(10), || {
@@ -302,6 +337,29 @@ impl Redis {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// How many clients are subscribed to `channel` (`PUBSUB NUMSUB`); `None` if the node did
+    /// not answer.
+    pub fn subscribers(&self, channel: &str) -> Option<u32> {
+        self.cli(&["PUBSUB", "NUMSUB", channel])?
+            .lines()
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Waits until this replica reports its link to the primary up; fails the test after
+    /// `timeout`.
+    #[track_caller]
+    pub fn wait_linked(&self, timeout: Duration) {
+        assert!(
+            wait_until(timeout, || self
+                .cli(&["INFO", "replication"])
+                .is_some_and(|i| i.contains("master_link_status:up"))),
+            "the replica did not connect to its primary"
+        );
+    }
+
     /// `calls` of a command in `INFO commandstats`.
     pub fn calls(&self, command: &str) -> u64 {
         let info = self.cli(&["INFO", "commandstats"]).unwrap_or_default();
@@ -324,6 +382,32 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What `redis-cli` needs to act as the `admin` user of [`Redis::start_acl`].
+pub const ADMIN: &[&str] = &["--user", "admin", "--pass", "admin-pw", "--no-auth-warning"];
+
+impl Redis {
+    /// Starts `redis-server` whose default user is off, with an `admin` user (all commands,
+    /// keys and channels; password `admin-pw`) for the test's `redis-cli`, plus `users`
+    /// (further `--user NAME RULES...` arguments).
+    #[track_caller]
+    pub fn start_acl(users: &[&str]) -> Redis {
+        let mut args = vec![
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "admin",
+            "on",
+            ">admin-pw",
+            "~*",
+            "&*",
+            "+@all",
+        ];
+        args.extend_from_slice(users);
+        Redis::start_with_cli(free_port(), &args, ADMIN)
     }
 }
 
@@ -1064,25 +1148,7 @@ impl Cluster {
     /// Starts three nodes, creates the cluster and waits until every node says it is ok.
     #[track_caller]
     pub fn start() -> Cluster {
-        let nodes: Vec<Redis> = (0..3)
-            .map(|_| {
-                let bus = free_port().to_string();
-                Redis::start_on(
-                    free_port(),
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-port",
-                        &bus,
-                        // No node is marked as failed while a test stops or restarts one.
-                        "--cluster-node-timeout",
-                        "60000",
-                    ],
-                )
-            })
-            .collect();
+        let nodes: Vec<Redis> = (0..3).map(|_| Cluster::start_node()).collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -1106,6 +1172,53 @@ impl Cluster {
             "the cluster did not become ok"
         );
         c
+    }
+
+    /// Starts a cluster-enabled `redis-server` on free ports (client and bus), not yet joined.
+    #[track_caller]
+    fn start_node() -> Redis {
+        let bus = free_port().to_string();
+        Redis::start_on(
+            free_port(),
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                &bus,
+                // No node is marked as failed while a test stops or restarts one.
+                "--cluster-node-timeout",
+                "60000",
+            ],
+        )
+    }
+
+    /// Adds a replica of node `primary` to the cluster and waits (20 s at most) until its
+    /// link to the primary is up. The replica is not in [`Cluster::nodes`].
+    #[track_caller]
+    pub fn add_replica(&self, primary: usize) -> Redis {
+        let replica = Cluster::start_node();
+        let primary = &self.nodes[primary];
+        let id = primary
+            .cli(&["CLUSTER", "MYID"])
+            .expect("CLUSTER MYID")
+            .trim()
+            .to_owned();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "add-node"])
+            .arg(format!("127.0.0.1:{}", replica.port))
+            .arg(format!("127.0.0.1:{}", primary.port))
+            .args(["--cluster-slave", "--cluster-master-id", &id])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "add-node: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        replica.wait_linked(Duration::from_secs(20));
+        replica
     }
 
     /// Waits until every node reports `cluster_state:ok`.
@@ -1164,12 +1277,28 @@ pub fn readiness(addr: SocketAddr) -> u16 {
     .status
 }
 
+/// Whether `/health/readiness/` answers `status` within `timeout` (asking every 10 ms).
+pub fn readiness_within(addr: SocketAddr, status: u16, timeout: Duration) -> bool {
+    wait_until(timeout, || readiness(addr) == status)
+}
+
 /// Waits (10 s at most) until the server's readiness is 200.
 #[track_caller]
 pub fn wait_ready(server: &Server) {
     assert!(
-        wait_until(Duration::from_secs(10), || readiness(server.addr) == 200),
+        readiness_within(server.addr, 200, Duration::from_secs(10)),
         "instance not ready; log:\n{}",
+        server.log()
+    );
+}
+
+/// Waits (10 s at most each) until the instance is ready and its wake-up listener subscribed.
+#[track_caller]
+pub fn wait_listening(server: &Server) {
+    wait_ready(server);
+    assert!(
+        server.wait_log("listening for wake-ups on", Duration::from_secs(10)),
+        "the wake-up listener did not subscribe:\n{}",
         server.log()
     );
 }
@@ -1232,9 +1361,7 @@ pub fn stream_head(addr: SocketAddr, key: &str) -> (u16, bool) {
 /// new subscriber of `key` gets `newest` at once.
 #[track_caller]
 pub fn assert_resynchronised(server: &Server, key: &str, newest: i64) {
-    assert!(wait_until(Duration::from_secs(3), || readiness(
-        server.addr
-    ) == 200));
+    assert!(readiness_within(server.addr, 200, Duration::from_secs(3)));
     assert!(
         server.wait_log("Redis lost or replaced its data", Duration::from_secs(3)),
         "no resynchronisation logged:\n{}",
@@ -1268,4 +1395,33 @@ pub fn wait_fetched(server: &Server) {
         "no fetch completed; log:\n{}",
         server.log()
     );
+}
+
+/// Whether a queue-change of `micros` for `key` is answered 200 within `timeout` (posting
+/// again every 10 ms while it is not).
+#[track_caller]
+pub fn accepted_within(addr: SocketAddr, key: &str, micros: i64, timeout: Duration) -> bool {
+    wait_until(timeout, || post_micros(addr, key, micros).status == 200)
+}
+
+/// Reads updates until `micros` arrives: how long that took, or `None` after `timeout` (or
+/// when the stream ends first).
+pub fn time_to(sub: &mut Subscriber, micros: i64, timeout: Duration) -> Option<Duration> {
+    let want = epoch_text(micros);
+    let started = Instant::now();
+    let deadline = started + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match sub.next_update(left) {
+            Some(got) if got == want => return Some(started.elapsed()),
+            Some(_) => {}
+            None => return None,
+        }
+    }
+    None
+}
+
+/// Asserts that the next update `sub` gets within `timeout` is `micros`.
+#[track_caller]
+pub fn assert_next_update(sub: &mut Subscriber, micros: i64, timeout: Duration) {
+    assert_eq!(sub.next_update(timeout), Some(epoch_text(micros)));
 }
