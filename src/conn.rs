@@ -4,10 +4,13 @@
 //! [`State::Http`] while requests are read and answered, [`State::Stream`] once it subscribed,
 //! and [`State::Closing`] while a final response drains and the peer's leftover input is read so
 //! that closing never resets unread bytes. Methods here report what happened as an [`Io`]
-//! outcome; only the server tears a connection down.
+//! outcome; only the server tears a connection down. A [`Stream`] also makes its own
+//! decisions (what follows a write, when its next deadline is, whether its reader stalled) and
+//! hands the server a [`Next`] or [`Due`] to act on.
 
 use crate::http::{Budget, Head, Reader};
 use crate::sse::{self, Event};
+use crate::sys;
 use crate::timestamp::Micros;
 use mio::net::TcpStream;
 use std::io::{self, IoSlice, Read, Write};
@@ -195,39 +198,145 @@ impl Piece {
     }
 }
 
-/// A subscriber's connection.
+/// Keep-alive deadlines are rounded down to multiples of this (ms); see [`ping_due`].
+const PING_TICK_MS: u64 = 100;
+
+/// When a stream that last wrote at `last_write` is due a keep-alive comment (ms).
+///
+/// Each connection pings up to a tenth of the interval early, by an offset fixed per connection
+/// (derived from its `serial`), so that subscribers who got the same event do not all ping at
+/// the same instant. Deadlines are rounded down to ticks of [`PING_TICK_MS`] (at most a tenth
+/// of the interval), so that the loop wakes a few times a second to send the pings due, rather
+/// than once for each: the pings stay spread over the interval, in small groups.
+pub fn ping_due(last_write: u64, serial: u64, keepalive: u64) -> u64 {
+    let h = serial.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    let due = last_write + keepalive - h % (keepalive / 10 + 1);
+    let tick = PING_TICK_MS.min(keepalive / 10).max(1);
+    (due - due % tick).max(last_write + 1)
+}
+
+/// What the server does with a stream after writing to it: the stream decides, the server acts.
+#[derive(Debug)]
+pub enum Next {
+    /// Nothing to do before this time (ms): the next keep-alive, age limit or stall check.
+    WakeAt(u64),
+    /// The end of the stream is written: hang up gracefully.
+    Finished,
+    /// The peer is gone (EOF, reset, broken pipe).
+    Gone,
+    /// The socket failed otherwise (`ETIMEDOUT`: the kernel gave up on an unacknowledging
+    /// reader).
+    Failed(io::Error),
+}
+
+/// What a stream's deadline came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Bytes have been pending for a keep-alive interval and the reader acknowledged none of
+    /// them: drop it. Carries the bytes still pending (user space and kernel).
+    Stalled(u64),
+    /// Write what is queued; `pinged` says whether a keep-alive comment was just queued.
+    Write {
+        /// A keep-alive comment was queued.
+        pinged: bool,
+    },
+}
+
+/// A subscriber's connection: what it has been sent, what is queued for it, and the decisions
+/// that follow from both (keep-alive, age limit, stalls).
 pub struct Stream {
     /// The environment (index into the server's environment slab).
-    pub env: u32,
+    env: u32,
     /// This connection's position in the environment's subscriber list.
-    pub pos: u32,
+    pos: u32,
     /// Chunked (HTTP/1.1) or close-delimited (HTTP/1.0).
-    pub chunked: bool,
+    chunked: bool,
     /// The end of the stream is queued.
-    pub ending: bool,
-    /// Newest time queued or sent to this client; older or equal times are never sent.
-    pub last_sent: Micros,
-    /// The piece being written and how much of it is out.
-    pub out: Option<(Piece, u32)>,
-    /// The piece after it (a newer event replaces an older one here).
-    pub next: Option<Piece>,
-    /// When bytes last went to the kernel (ms), for keep-alives.
-    pub last_write: u64,
-    /// When the stream is ended for rebalancing (ms), `u64::MAX`: never.
-    pub end_at: u64,
-    /// Bytes handed to the kernel in all.
-    pub written: u64,
-    /// Since when (ms) and at what acknowledged byte count output has been pending.
-    pub stall_mark: Option<(u64, u64)>,
+    ending: bool,
     /// The end of the stream has been written.
-    pub finished: bool,
+    finished: bool,
+    /// Newest time queued or sent to this client; older or equal times are never sent.
+    last_sent: Micros,
+    /// The piece being written and how much of it is out.
+    out: Option<(Piece, u32)>,
+    /// The piece after it (a newer event replaces an older one here).
+    next: Option<Piece>,
+    /// When bytes last went to the kernel (ms), for keep-alives.
+    last_write: u64,
+    /// When the stream is ended for rebalancing (ms), `u64::MAX`: never.
+    end_at: u64,
+    /// Bytes handed to the kernel in all.
+    written: u64,
+    /// Since when (ms) and at what acknowledged byte count output has been pending.
+    stall_mark: Option<(u64, u64)>,
     /// When the stream opened (ms), for the access log.
-    pub opened: u64,
+    opened: u64,
 }
 
 impl Stream {
+    /// A new stream of environment `env`, at position `pos` of its subscriber list, with its
+    /// response head queued, opened at `now` and ended for rebalancing at `end_at`.
+    pub fn new(env: u32, pos: u32, chunked: bool, now: u64, end_at: u64) -> Stream {
+        Stream {
+            env,
+            pos,
+            chunked,
+            ending: false,
+            finished: false,
+            last_sent: Micros::MIN,
+            out: Some((Piece::Head, 0)),
+            next: None,
+            last_write: now,
+            end_at,
+            written: 0,
+            stall_mark: None,
+            opened: now,
+        }
+    }
+
+    /// When the stream opened (ms).
+    pub fn opened(&self) -> u64 {
+        self.opened
+    }
+
+    /// The environment this stream is subscribed to.
+    pub fn env(&self) -> u32 {
+        self.env
+    }
+
+    /// Its position in the environment's subscriber list.
+    pub fn pos(&self) -> usize {
+        self.pos as usize
+    }
+
+    /// Records a new position in the subscriber list (after a removal moved it).
+    pub fn set_pos(&mut self, pos: usize) {
+        self.pos = pos as u32;
+    }
+
+    /// Whether this stream still takes `time`: it is newer than anything it was sent and the
+    /// stream is not ending.
+    pub fn wants(&self, time: Micros) -> bool {
+        time > self.last_sent && !self.ending
+    }
+
+    /// Queues `event` if the stream [`wants`](Self::wants) its time; true if it was queued.
+    pub fn offer(&mut self, event: &Event) -> bool {
+        if !self.wants(event.time) {
+            return false;
+        }
+        self.last_sent = event.time;
+        self.enqueue(Piece::Event(event.clone()));
+        true
+    }
+
+    /// Ends the stream at `at` (ms) at the latest (shutdown spreads the ends out).
+    pub fn end_by(&mut self, at: u64) {
+        self.end_at = self.end_at.min(at);
+    }
+
     /// Queues `piece`. An unsent event or ping is replaced, never queued behind.
-    pub fn enqueue(&mut self, piece: Piece) {
+    fn enqueue(&mut self, piece: Piece) {
         match &self.out {
             None => self.out = Some((piece, 0)),
             Some((Piece::Event(_) | Piece::Ping, 0)) if !matches!(piece, Piece::End) => {
@@ -249,9 +358,78 @@ impl Stream {
             .map_or(0, |p| p.bytes(self.chunked).len())
     }
 
+    /// Writes what is queued and says what follows: a time to wake up at, or the end of the
+    /// connection. A write that would block starts a stall mark (unless one is running), with
+    /// the byte count the peer had acknowledged then; the stall check is due a keep-alive
+    /// interval after the stall began, and later attempts do not push it back.
+    pub fn write(&mut self, sock: &mut TcpStream, now: u64, serial: u64, keepalive: u64) -> Next {
+        match self.flush(sock, now) {
+            Io::Done if self.finished => Next::Finished,
+            Io::Done => Next::WakeAt(self.deadline(serial, keepalive)),
+            Io::WouldBlock => {
+                if self.stall_mark.is_none() {
+                    let queued = sys::unacked_bytes(sock).unwrap_or(0) as u64;
+                    self.stall_mark = Some((now, self.written.saturating_sub(queued)));
+                }
+                Next::WakeAt(self.deadline(serial, keepalive))
+            }
+            Io::Closed => Next::Gone,
+            Io::Error(e) => Next::Failed(e),
+        }
+    }
+
+    /// The stream's next deadline (ms): its keep-alive (only when nothing is queued: queued
+    /// output waits for the socket), its age limit (until its end is queued), its stall check.
+    pub fn deadline(&self, serial: u64, keepalive: u64) -> u64 {
+        let mut at = if self.out.is_none() {
+            ping_due(self.last_write, serial, keepalive)
+        } else {
+            u64::MAX
+        };
+        if !self.ending {
+            at = at.min(self.end_at);
+        }
+        if let Some((t0, _)) = self.stall_mark {
+            at = at.min(t0 + keepalive);
+        }
+        at
+    }
+
+    /// Works through what is due at `now`: the age limit queues the end of the stream, the
+    /// stall check either clears the mark (nothing pending), moves it (the peer acknowledged
+    /// something) or finds the reader stalled, and a keep-alive comment is queued when the
+    /// stream has been quiet for the interval. Bytes in the kernel's send queue count as
+    /// pending (`SIOCOUTQ`).
+    pub fn due(&mut self, sock: &TcpStream, now: u64, serial: u64, keepalive: u64) -> Due {
+        if !self.ending && now >= self.end_at {
+            self.ending = true;
+            self.enqueue(Piece::End);
+        }
+        if let Some((t0, a0)) = self.stall_mark
+            && now >= t0 + keepalive
+        {
+            let queued = sys::unacked_bytes(sock).unwrap_or(0) as u64;
+            let pending = queued + self.pending_bytes() as u64;
+            let acked = self.written.saturating_sub(queued);
+            if pending == 0 {
+                self.stall_mark = None;
+            } else if acked != a0 {
+                self.stall_mark = Some((now, acked));
+            } else {
+                return Due::Stalled(pending);
+            }
+        }
+        let quiet = self.out.is_none() && !self.ending;
+        let pinged = quiet && now >= ping_due(self.last_write, serial, keepalive);
+        if pinged {
+            self.enqueue(Piece::Ping);
+        }
+        Due::Write { pinged }
+    }
+
     /// Writes queued pieces, both in one system call when two are queued (the response head
     /// and the first event of a new stream). `Done`: all written. `now` stamps `last_write`.
-    pub fn flush(&mut self, sock: &mut TcpStream, now: u64) -> Io {
+    fn flush(&mut self, sock: &mut TcpStream, now: u64) -> Io {
         loop {
             let Some((piece, pos)) = &self.out else {
                 return Io::Done;
@@ -328,21 +506,7 @@ mod tests {
     use super::*;
 
     fn stream(chunked: bool) -> Stream {
-        Stream {
-            env: 0,
-            pos: 0,
-            chunked,
-            ending: false,
-            last_sent: 0,
-            out: Some((Piece::Head, 0)),
-            next: None,
-            last_write: 0,
-            end_at: u64::MAX,
-            written: 0,
-            stall_mark: None,
-            finished: false,
-            opened: 0,
-        }
+        Stream::new(0, 0, chunked, 0, u64::MAX)
     }
 
     #[test]

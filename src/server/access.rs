@@ -115,7 +115,7 @@ impl Server {
         let Some(State::Stream(s)) = self.conns.get(token).map(|c| &c.state) else {
             return None;
         };
-        let env = self.envs.get(s.env as usize).map_or("-", |e| &e.key);
+        let env = self.envs.get(s.env() as usize).map_or("-", |e| &e.key);
         Some((s, env, self.peer(token)))
     }
 
@@ -135,7 +135,7 @@ impl Server {
         let Some((s, env, peer)) = self.stream_fields(token) else {
             return;
         };
-        let duration_ms = self.now().saturating_sub(s.opened);
+        let duration_ms = self.now().saturating_sub(s.opened());
         debug!(
             event = "stream_close", environment = env, peer = peer.as_str(), reason = reason,
             duration_ms = duration_ms;

@@ -4,10 +4,13 @@
 //! The loop's timeout comes from the earliest deadline (a heap of connection and environment
 //! deadlines plus the store-fetch slot); there is no timer thread. Store work goes to the helper
 //! thread ([`crate::store::Helper`]) and comes back over a channel and the waker. Updates are
-//! written straight from here to the sockets. See `docs/ARCHITECTURE.md` for the whole picture.
+//! written straight from here to the sockets. This file owns the turn: what one loop turn does,
+//! in which order, and how much of each ([`TURN_BUDGET`]); work left over (connections,
+//! timers, store times, fan-outs) makes the next `poll` return at once. See
+//! `docs/ARCHITECTURE.md` for the whole picture.
 
 use crate::config::{Config, StoreConfig};
-use crate::conn::{self, Closing, Conn, Http, Io, Piece, State, Stream};
+use crate::conn::{self, Closing, Conn, Http, Io, State, Stream};
 use crate::http::{self, BodyFraming, Head, HttpError, Method, Parsed, Route};
 use crate::metrics::{FetchTrigger, Gauges, Metrics, QueueResult, Rejection};
 use crate::slab::Slab;
@@ -71,8 +74,6 @@ const RESERVED_FDS: u64 = 64;
 const MIN_RESERVED_FDS: u64 = 16;
 /// Retry delay when accepting failed for lack of descriptors (ms).
 const ACCEPT_RETRY_MS: u64 = 100;
-/// Keep-alive deadlines are rounded down to multiples of this (ms); see [`ping_due`].
-const PING_TICK_MS: u64 = 100;
 /// Wait before a wake-up whose fetch failed is tried again (ms): the change it announced is
 /// known to be waiting, and the store's own backoff answers at once meanwhile.
 const WAKEUP_RETRY_MS: u64 = 250;
@@ -80,6 +81,12 @@ const WAKEUP_RETRY_MS: u64 = 250;
 /// ones included); beyond it (the helper stopped answering) new ones are answered 503 at once
 /// instead of queueing up in the channel without bound.
 const MAX_WRITES_AT_STORE: usize = 4 * 4096;
+/// How long the parts of one loop turn (ready connections, accepts, leftover connections,
+/// timers, store times) may work together before each stops and leaves the rest for the next
+/// turn; the fan-out has its own slice ([`streams::FANOUT_SLICE`]) on top.
+const TURN_BUDGET: Duration = Duration::from_millis(1);
+/// Items each part of a turn handles even when the budget is spent, so that none starves.
+const MIN_ITEMS_PER_PART: usize = 8;
 /// Hard limit after the shutdown grace period before the loop exits anyway (ms).
 const SHUTDOWN_SLACK_MS: u64 = 3_000;
 
@@ -107,6 +114,8 @@ struct Env {
     pending: bool,
     /// Deadline of this environment's timer entry, `u64::MAX` if none.
     timer_at: u64,
+    /// The fan-out under way, if any.
+    fan: Option<streams::Fan>,
 }
 
 /// Why the loop closes a connection, for the debug log and metrics.
@@ -175,6 +184,10 @@ pub struct Server {
     next_write_id: store::WriteId,
     /// Writes sent to the helper that it has not answered (timed out ones included).
     writes_at_helper: usize,
+    /// Fan-outs under way and store times not yet applied.
+    backlog: streams::Backlog,
+    /// When the current turn's budget is spent.
+    turn_ends: Instant,
     shutdown_at: Option<u64>,
     rng: u64,
     metrics: Metrics,
@@ -315,6 +328,8 @@ impl Server {
             write_deadlines: VecDeque::new(),
             next_write_id: 1,
             writes_at_helper: 0,
+            backlog: streams::Backlog::default(),
+            turn_ends: Instant::now(),
             shutdown_at: None,
             rng: seed | 1,
             metrics: Metrics::default(),
@@ -358,6 +373,8 @@ impl Server {
                 }
                 return Err(e);
             }
+            self.turn_ends = Instant::now() + TURN_BUDGET;
+            let mut driven = 0;
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.listener_ready = true,
@@ -373,11 +390,19 @@ impl Server {
                         self.begin_shutdown();
                     }
                     Token(t) => {
+                        let over = driven >= MIN_ITEMS_PER_PART && self.turn_over();
                         if let Some(c) = self.conns.get_mut(t) {
                             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                                 c.readable = true;
                             }
-                            self.drive(t);
+                            if over {
+                                // Over budget: its readiness is remembered, it goes next turn.
+                                let serial = c.serial;
+                                self.revisit.push((t, serial));
+                            } else {
+                                driven += 1;
+                                self.drive(t);
+                            }
                         }
                     }
                 }
@@ -388,12 +413,11 @@ impl Server {
             if self.listener_ready && now >= self.accept_retry_at {
                 self.accept();
             }
-            for (t, serial) in std::mem::take(&mut self.revisit) {
-                if self.conns.get(t).is_some_and(|c| c.serial == serial) {
-                    self.drive(t);
-                }
-            }
+            self.revisit_leftovers();
             self.run_timers();
+            let now = self.now();
+            self.apply_times(now);
+            self.fan_out(now);
             self.flush_writes();
             if let Some(at) = self.shutdown_at {
                 if self.conns.is_empty() {
@@ -413,7 +437,10 @@ impl Server {
 
     fn poll_timeout(&self) -> Option<Duration> {
         let now = self.now();
-        if !self.revisit.is_empty() || (self.listener_ready && now >= self.accept_retry_at) {
+        if !self.revisit.is_empty()
+            || !self.backlog.is_empty()
+            || (self.listener_ready && now >= self.accept_retry_at)
+        {
             return Some(Duration::ZERO);
         }
         let mut next = self.timers.peek().map_or(u64::MAX, |Reverse((at, _))| *at);
@@ -431,8 +458,33 @@ impl Server {
         ))
     }
 
+    /// Whether this turn's budget is spent.
+    fn turn_over(&self) -> bool {
+        Instant::now() >= self.turn_ends
+    }
+
+    /// Drives the connections left over from earlier turns, while the budget lasts.
+    fn revisit_leftovers(&mut self) {
+        let mut left = std::mem::take(&mut self.revisit).into_iter();
+        let mut driven = 0;
+        for (t, serial) in left.by_ref() {
+            if self.conns.get(t).is_some_and(|c| c.serial == serial) {
+                self.drive(t);
+            }
+            driven += 1;
+            if driven >= MIN_ITEMS_PER_PART && self.turn_over() {
+                break;
+            }
+        }
+        self.revisit.extend(left);
+    }
+
     fn accept(&mut self) {
-        for _ in 0..MAX_ACCEPTS_PER_TURN {
+        for accepted in 0..MAX_ACCEPTS_PER_TURN {
+            if accepted >= MIN_ITEMS_PER_PART && self.turn_over() {
+                // Still ready: more next turn.
+                return;
+            }
             let Some(listener) = &self.listener else {
                 self.listener_ready = false;
                 return;
@@ -563,10 +615,13 @@ impl Server {
         let now = self.now();
         self.expire_writes(now);
         self.schedule_fetch(now);
+        let mut fired = 0;
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
-            if at > now {
+            if at > now || (fired >= MIN_ITEMS_PER_PART && self.turn_over()) {
+                // Deadlines still due keep the next poll from sleeping.
                 break;
             }
+            fired += 1;
             self.timers.pop();
             match timer {
                 Timer::Conn(token, serial) => {
@@ -596,7 +651,6 @@ impl Server {
     }
 
     fn conn_timer(&mut self, token: usize, now: u64) {
-        let keepalive = ms(self.cfg.keepalive);
         let Some(c) = self.conns.get_mut(token) else {
             return;
         };
@@ -625,38 +679,7 @@ impl Server {
                     self.schedule(token, at);
                 }
             }
-            State::Stream(s) => {
-                if !s.ending && now >= s.end_at {
-                    s.ending = true;
-                    s.enqueue(Piece::End);
-                }
-                let ping_due = ping_due(s.last_write, c.serial, keepalive);
-                // Output stuck in user space since the mark: has the peer acknowledged anything
-                // since? (Bytes stuck in the kernel alone are the kernel's to time out: stream
-                // sockets carry TCP_USER_TIMEOUT, see `subscribe`.)
-                if let Some((t0, a0)) = s.stall_mark
-                    && now >= t0 + keepalive
-                {
-                    let queued = sys::unacked_bytes(&c.sock).unwrap_or(0) as u64;
-                    let pending = queued + s.pending_bytes() as u64;
-                    let acked = s.written.saturating_sub(queued);
-                    if pending == 0 {
-                        s.stall_mark = None;
-                    } else if acked != a0 {
-                        s.stall_mark = Some((now, acked));
-                    } else {
-                        debug!("closing a stalled reader ({pending} bytes pending)");
-                        self.metrics.reject(Rejection::Stalled);
-                        self.close(token, Why::Stalled);
-                        return;
-                    }
-                }
-                if now >= ping_due && s.out.is_none() && !s.ending {
-                    s.enqueue(Piece::Ping);
-                    self.metrics.pings_sent_total += 1;
-                }
-                self.flush_stream(token, now);
-            }
+            State::Stream(_) => self.stream_due(token, now),
         }
     }
 
@@ -807,7 +830,7 @@ impl Server {
             };
             match &mut c.state {
                 State::Stream(s) => {
-                    s.end_at = s.end_at.min(end);
+                    s.end_by(end);
                     self.schedule(token, end);
                 }
                 State::Http(h) => {
@@ -853,20 +876,6 @@ impl Server {
             }
         }
     }
-}
-
-/// When a stream that last wrote at `last_write` is due a keep-alive comment (ms).
-///
-/// Each connection pings up to a tenth of the interval early, by an offset fixed per connection,
-/// so that subscribers who got the same event do not all ping at the same instant. Deadlines are
-/// rounded down to ticks of [`PING_TICK_MS`] (at most a tenth of the interval), so that the loop
-/// wakes a few times a second to send the pings due, rather than once for each: the pings stay
-/// spread over the interval, in small groups.
-fn ping_due(last_write: u64, serial: u64, keepalive: u64) -> u64 {
-    let h = serial.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-    let due = last_write + keepalive - h % (keepalive / 10 + 1);
-    let tick = PING_TICK_MS.min(keepalive / 10).max(1);
-    (due - due % tick).max(last_write + 1)
 }
 
 /// Tells a client that could not be taken on to come back later, without keeping it.

@@ -24,9 +24,7 @@ impl Server {
                             fetched.changes.len()
                         );
                     }
-                    for ch in fetched.changes {
-                        self.apply_time(&ch.key, ch.time, now);
-                    }
+                    self.queue_times(fetched.changes);
                 }
                 Reply::Fetched(Err(e)) => {
                     self.fetch_in_flight = false;
@@ -47,7 +45,10 @@ impl Server {
                         self.log_queue_change(id, Some(&change.key), result.is_ok());
                         let out = match result {
                             Ok(stored) => {
-                                stored_times.push((change.key, stored));
+                                stored_times.push(Change {
+                                    key: change.key,
+                                    time: stored,
+                                });
                                 let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
                                 timestamp::write_epoch_seconds(stored, &mut body);
                                 body.push(b'}');
@@ -61,9 +62,7 @@ impl Server {
                             debug!("a late store reply arrived for a queue-change answered 503");
                         }
                     }
-                    for (key, stored) in stored_times {
-                        self.apply_time(&key, stored, now);
-                    }
+                    self.queue_times(stored_times);
                 }
                 Reply::Stats(stats) => self.metrics.store_commands = stats,
             }

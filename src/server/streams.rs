@@ -1,10 +1,56 @@
-//! Environments and their subscribers: subscribing, coalescing, and writing one encoded
-//! update to every subscriber.
+//! Environments and their subscribers: subscribing and leaving, coalescing, times from the
+//! store, and fan-out.
+//!
+//! Nothing here writes to every subscriber at once. A broadcast starts (or redirects) a fan-out:
+//! an entry in the server's queue that walks the environment's subscriber list for at most
+//! [`FANOUT_SLICE`] per loop turn, always with the environment's newest event, and carries on
+//! in the next turn. Times from the store wait in a queue of their own and are applied while the
+//! turn's budget lasts. A stream's own decisions (what follows a write, keep-alives, age limit,
+//! stalls) are [`Stream`]'s; the server only acts on them here.
 
 use super::*;
+use crate::conn::{Due, Next};
+use std::collections::VecDeque;
+
+/// Longest a fan-out writes to subscribers in one loop turn; then the loop polls (with a zero
+/// timeout) and the fan-out carries on in the next turn.
+pub(super) const FANOUT_SLICE: Duration = Duration::from_millis(1);
+/// Subscribers visited between two looks at the clock during a fan-out.
+const FANOUT_CLOCK_EVERY: usize = 16;
+/// Store times applied between two looks at the clock.
+const TIMES_CLOCK_EVERY: usize = 64;
+
+/// A fan-out under way: how far it has walked the environment's subscriber list.
+pub(super) struct Fan {
+    /// The next position to visit. Every subscriber before it was visited in this pass, every
+    /// one at or after it was not; `unsubscribe` keeps both true.
+    next: usize,
+    /// A newer time arrived after this pass began: once it reaches the end, a pass from the
+    /// start follows, for the subscribers passed with the older time.
+    again: bool,
+    /// When the current time's fan-out began, for the duration histogram.
+    started: Instant,
+}
+
+/// Work that waits for its turn: fan-outs under way, and times from the store not yet applied.
+#[derive(Default)]
+pub(super) struct Backlog {
+    /// Environments with a fan-out under way, in the order they started.
+    fanouts: VecDeque<u32>,
+    /// Batches of times from the store (a snapshot, a page of changes, stored writes), in the
+    /// order they arrived.
+    times: VecDeque<std::vec::IntoIter<Change>>,
+}
+
+impl Backlog {
+    /// Whether work is left for the next turn.
+    pub(super) fn is_empty(&self) -> bool {
+        self.fanouts.is_empty() && self.times.is_empty()
+    }
+}
 
 impl Server {
-    /// Writes what a subscriber has queued and handles the outcome.
+    /// Writes what a subscriber has queued and acts on what the stream says follows.
     pub(super) fn flush_stream(&mut self, token: usize, now: u64) {
         let keepalive = ms(self.cfg.keepalive);
         let Some(c) = self.conns.get_mut(token) else {
@@ -13,34 +59,40 @@ impl Server {
         let State::Stream(s) = &mut c.state else {
             return;
         };
-        match s.flush(&mut c.sock, now) {
-            Io::Done if s.finished => self.linger(token, Vec::new()),
-            Io::Done => {
-                let mut at = ping_due(s.last_write, c.serial, keepalive);
-                if !s.ending {
-                    at = at.min(s.end_at);
-                }
-                if let Some((t0, _)) = s.stall_mark {
-                    at = at.min(t0 + keepalive);
-                }
-                self.schedule(token, at);
+        let next = s.write(&mut c.sock, now, c.serial, keepalive);
+        self.after_write(token, next);
+    }
+
+    fn after_write(&mut self, token: usize, next: Next) {
+        match next {
+            Next::WakeAt(at) => self.schedule(token, at),
+            Next::Finished => self.linger(token, Vec::new()),
+            Next::Gone => self.close(token, Why::Peer),
+            Next::Failed(e) => self.stream_failed(token, &e),
+        }
+    }
+
+    /// A stream's deadline passed: let it work out what is due, then act on it.
+    pub(super) fn stream_due(&mut self, token: usize, now: u64) {
+        let keepalive = ms(self.cfg.keepalive);
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        let State::Stream(s) = &mut c.state else {
+            return;
+        };
+        match s.due(&c.sock, now, c.serial, keepalive) {
+            Due::Stalled(pending) => {
+                debug!("closing a stalled reader ({pending} bytes pending)");
+                self.metrics.reject(Rejection::Stalled);
+                self.close(token, Why::Stalled);
             }
-            Io::WouldBlock => {
-                let since = match s.stall_mark {
-                    Some((t0, _)) => t0,
-                    None => {
-                        let queued = sys::unacked_bytes(&c.sock).unwrap_or(0) as u64;
-                        s.stall_mark = Some((now, s.written.saturating_sub(queued)));
-                        now
-                    }
-                };
-                // The stall check is due a keep-alive interval after the stall began, not
-                // after this attempt: a later attempt must not push it back.
-                let at = (since + keepalive).min(if s.ending { u64::MAX } else { s.end_at });
-                self.schedule(token, at);
+            Due::Write { pinged } => {
+                if pinged {
+                    self.metrics.pings_sent_total += 1;
+                }
+                self.flush_stream(token, now);
             }
-            Io::Closed => self.close(token, Why::Peer),
-            Io::Error(e) => self.stream_failed(token, &e),
         }
     }
 
@@ -56,6 +108,7 @@ impl Server {
             window_end: now,
             pending: false,
             timer_at: u64::MAX,
+            fan: None,
         }) as u32;
         self.env_ids.insert(key.into(), id);
         id
@@ -88,29 +141,17 @@ impl Server {
         let _ = sys::set_user_timeout(&c.sock, ms(self.cfg.keepalive));
         let pos = env.subs.len() as u32;
         env.subs.push(token);
-        let mut s = Stream {
-            env: env_id,
-            pos,
-            chunked,
-            ending: false,
-            last_sent: Micros::MIN,
-            out: Some((Piece::Head, 0)),
-            next: None,
-            last_write: now,
-            end_at,
-            written: 0,
-            stall_mark: None,
-            finished: false,
-            opened: now,
-        };
+        let mut s = Stream::new(env_id, pos, chunked, now, end_at);
+        // The newest time, even one a coalescing window holds back or a fan-out has not
+        // reached yet: a fan-out under way skips this subscriber, which has it.
         if let Some(t) = env.time {
             let ev = env.event.get_or_insert_with(|| Event::new(t));
             if ev.time != t {
                 *ev = Event::new(t);
             }
-            s.enqueue(Piece::Event(ev.clone()));
-            s.last_sent = t;
-            self.metrics.events_sent_total += 1;
+            if s.offer(ev) {
+                self.metrics.events_sent_total += 1;
+            }
         }
         c.state = State::Stream(s);
         self.log_stream_open(token);
@@ -120,28 +161,66 @@ impl Server {
     }
 
     /// Removes a stream connection from its environment's subscriber list.
+    ///
+    /// A plain swap-remove moves the last subscriber into the gap. While a fan-out walks the
+    /// list, a gap before its position would move a subscriber it has not visited into the part
+    /// it has, and it would be skipped: so the gap is first swapped with the last visited
+    /// subscriber, and the fan-out's position steps back by one onto the one moved in.
     pub(super) fn unsubscribe(&mut self, token: usize) {
         let Some(c) = self.conns.get(token) else {
             return;
         };
         let State::Stream(s) = &c.state else { return };
-        let (env_id, pos) = (s.env, s.pos as usize);
+        let (env_id, pos) = (s.env(), s.pos());
         self.streams -= 1;
         let Some(env) = self.envs.get_mut(env_id as usize) else {
             return;
         };
         if env.subs.get(pos) == Some(&token) {
-            env.subs.swap_remove(pos);
-            if let Some(&moved) = env.subs.get(pos)
-                && let Some(State::Stream(ms)) = self.conns.get_mut(moved).map(|c| &mut c.state)
+            let mut gap = pos;
+            if let Some(fan) = env.fan.as_mut()
+                && pos < fan.next
             {
-                ms.pos = pos as u32;
+                fan.next -= 1;
+                env.subs.swap(pos, fan.next);
+                gap = fan.next;
+            }
+            env.subs.swap_remove(gap);
+            for p in [pos, gap] {
+                if let Some(&moved) = env.subs.get(p)
+                    && let Some(State::Stream(ms)) = self.conns.get_mut(moved).map(|c| &mut c.state)
+                {
+                    ms.set_pos(p);
+                }
             }
         }
         if env.subs.is_empty() && env.time.is_none() {
             let key = env.key.clone();
             self.env_ids.remove(&key);
             self.envs.remove(env_id as usize);
+        }
+    }
+
+    /// Queues a batch of times from the store; they are applied in order, a budget per turn.
+    pub(super) fn queue_times(&mut self, batch: Vec<Change>) {
+        if !batch.is_empty() {
+            self.backlog.times.push_back(batch.into_iter());
+        }
+    }
+
+    /// Applies queued times from the store until the turn's budget is spent.
+    pub(super) fn apply_times(&mut self, now: u64) {
+        let mut applied = 0usize;
+        while let Some(batch) = self.backlog.times.front_mut() {
+            let Some(ch) = batch.next() else {
+                self.backlog.times.pop_front();
+                continue;
+            };
+            self.apply_time(&ch.key, ch.time, now);
+            applied += 1;
+            if applied.is_multiple_of(TIMES_CLOCK_EVERY) && self.turn_over() {
+                return;
+            }
         }
     }
 
@@ -168,7 +247,9 @@ impl Server {
         }
     }
 
-    /// Writes the environment's newest time to every subscriber that has not had it.
+    /// Starts sending the environment's newest time to every subscriber that has not had it.
+    /// With a fan-out already under way, that one carries on with the newer event, and goes
+    /// over the subscribers it had passed once more.
     pub(super) fn broadcast(&mut self, id: u32, now: u64) {
         let delay = ms(self.cfg.stream_delay);
         let Some(env) = self.envs.get_mut(id as usize) else {
@@ -180,33 +261,75 @@ impl Server {
         if env.subs.is_empty() {
             return;
         }
-        let started = Instant::now();
-        let event = Event::new(time);
-        env.event = Some(event.clone());
-        let mut troubled = Vec::new();
-        for &token in &env.subs {
+        env.event = Some(Event::new(time));
+        match env.fan.as_mut() {
+            Some(fan) => {
+                // The older time's fan-out ends here: its last write is behind us.
+                self.metrics.fanout(fan.started.elapsed().as_secs_f64());
+                fan.started = Instant::now();
+                fan.again |= fan.next > 0;
+            }
+            None => {
+                env.fan = Some(Fan {
+                    next: 0,
+                    again: false,
+                    started: Instant::now(),
+                });
+                self.backlog.fanouts.push_back(id);
+            }
+        }
+    }
+
+    /// Works on the fan-outs under way, oldest first, for at most [`FANOUT_SLICE`]. Each
+    /// subscriber is offered the environment's newest event (it takes it only if it is newer
+    /// than what it has) and written to once; a write that would block or fails is acted on at
+    /// once, like any other write.
+    pub(super) fn fan_out(&mut self, now: u64) {
+        let until = Instant::now() + FANOUT_SLICE;
+        let keepalive = ms(self.cfg.keepalive);
+        let mut visited = 0usize;
+        while let Some(&id) = self.backlog.fanouts.front() {
+            let env = self.envs.get_mut(id as usize);
+            let Some((fan, event, subs)) =
+                env.and_then(|e| Some((e.fan.as_mut()?, e.event.as_ref()?, &e.subs)))
+            else {
+                if let Some(e) = self.envs.get_mut(id as usize) {
+                    e.fan = None;
+                }
+                self.backlog.fanouts.pop_front();
+                continue;
+            };
+            let Some(&token) = subs.get(fan.next) else {
+                if fan.again {
+                    fan.again = false;
+                    fan.next = 0;
+                    continue;
+                }
+                let took = fan.started.elapsed();
+                if let Some(e) = self.envs.get_mut(id as usize) {
+                    e.fan = None;
+                }
+                self.backlog.fanouts.pop_front();
+                self.metrics.fanout(took.as_secs_f64());
+                continue;
+            };
+            visited += 1;
+            if visited.is_multiple_of(FANOUT_CLOCK_EVERY) && Instant::now() >= until {
+                return;
+            }
+            fan.next += 1;
             let Some(c) = self.conns.get_mut(token) else {
                 continue;
             };
             let State::Stream(s) = &mut c.state else {
                 continue;
             };
-            if s.last_sent >= time || s.ending {
+            if !s.offer(event) {
                 continue;
             }
-            s.last_sent = time;
-            s.enqueue(Piece::Event(event.clone()));
             self.metrics.events_sent_total += 1;
-            match s.flush(&mut c.sock, now) {
-                Io::Done => {}
-                _ => troubled.push(token),
-            }
-        }
-        self.metrics.fanout(started.elapsed().as_secs_f64());
-        // Sockets that would block or failed: the usual path sorts them out (stall marks,
-        // closing) once the iteration over the subscriber list is over.
-        for token in troubled {
-            self.flush_stream(token, now);
+            let next = s.write(&mut c.sock, now, c.serial, keepalive);
+            self.after_write(token, next);
         }
     }
 }
