@@ -577,12 +577,13 @@ fn a_stalled_reader_holds_one_event_is_dropped_and_slows_nobody() {
         values.windows(2).all(|w| w[0] < w[1]),
         "out of order: {values:?}"
     );
-    // Everything before the newest is a run the kernel buffered; the newest replaced the rest.
+    // Everything before the newest is what the kernel buffered before the stall (a fan-out
+    // still under way when a newer time comes passes subscribers on with the newer one, so the
+    // run may skip times); after the stall the newest replaced the rest instead of queueing
+    // behind: the run ends well short of it.
     let run = &values[..values.len() - 1];
     assert!(
-        run.iter()
-            .enumerate()
-            .all(|(i, &v)| v == BASE + 1 + i as u64),
+        run.last().is_some_and(|&v| v + 10 < BASE + UPDATES),
         "the late reader got more than one event after its stall: {values:?}"
     );
     assert!(

@@ -828,6 +828,8 @@ pub struct Crowd {
     pub latest: Vec<Option<String>>,
     /// Updates each one got.
     pub counts: Vec<usize>,
+    /// Every update each one got, in order.
+    pub history: Vec<Vec<String>>,
     /// Whether each one saw its stream end (final chunk, EOF or reset).
     pub ended: Vec<bool>,
     /// Whether each one got the final chunk of its stream.
@@ -846,6 +848,7 @@ impl Crowd {
             headed: Vec::new(),
             latest: Vec::new(),
             counts: Vec::new(),
+            history: Vec::new(),
             ended: Vec::new(),
             finished: Vec::new(),
         };
@@ -872,6 +875,7 @@ impl Crowd {
             self.headed.push(false);
             self.latest.push(None);
             self.counts.push(0);
+            self.history.push(Vec::new());
             self.ended.push(false);
             self.finished.push(false);
         }
@@ -981,7 +985,9 @@ impl Crowd {
                 break;
             };
             let v = &rest[start + KEY.len()..start + KEY.len() + len];
-            self.latest[i] = Some(String::from_utf8_lossy(v).into_owned());
+            let text = String::from_utf8_lossy(v).into_owned();
+            self.history[i].push(text.clone());
+            self.latest[i] = Some(text);
             self.counts[i] += 1;
             used += start + KEY.len() + len + 1;
         }
