@@ -13,7 +13,8 @@
 //! (`REUSE_PORT`) and one `redis-server` and reports each one's and their total memory and CPU,
 //! and the Redis commands they send. Every latency sample goes to a CSV file and into an SVG
 //! chart of the latency distributions; `--chart-from` draws one chart from several runs' files.
-//! Only loopback addresses are used, and every wait and loop is bounded in count and time.
+//! Only loopback addresses are used, and every wait and loop is bounded in count and time. With
+//! `--responsive` it runs the responsiveness scenario of `responsive.rs` instead.
 
 mod clock;
 mod csv;
@@ -27,6 +28,7 @@ mod pool;
 mod procs;
 mod qc;
 mod report;
+mod responsive;
 mod stats;
 mod svg;
 mod target;
@@ -159,6 +161,9 @@ fn self_check() -> Result<(), String> {
 fn run(o: &Opts) -> Result<(), String> {
     let nofile = procs::raise_nofile();
     self_check()?;
+    if o.responsive {
+        return responsive::run(o);
+    }
 
     // The floor, first, while nothing else runs.
     let frame = flagsmith_sse::sse::Event::new(clock::epoch_micros())

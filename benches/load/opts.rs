@@ -72,6 +72,8 @@ pub struct Opts {
     pub cdf_csv: Option<PathBuf>,
     /// Name of the server in the CSV and the chart's legend (default: derived from the target).
     pub label: Option<String>,
+    /// The responsiveness scenario instead of the standard measures (`responsive.rs`).
+    pub responsive: bool,
 }
 
 pub const USAGE: &str = "\
@@ -109,6 +111,12 @@ publish-to-delivery latency, fan-out time, queue-change throughput and this mach
                        publish goes to the same port on a fresh connection (so to any instance);
                        RSS and CPU are reported per instance and in total, Redis commands per
                        idle second and per change from INFO commandstats
+  --responsive         the responsiveness scenario instead: every subscriber on one environment,
+                       --rounds updates (default 12) --round-gap apart (default 0.5 s) while
+                       /health/liveness/ is probed every 5 ms over one keep-alive connection
+                       and a new subscriber opens every 100 ms; reports p50/p99/max of both,
+                       the mean fan-out time and publish-to-delivery latency (our server gets
+                       STREAM_DELAY=0 unless --server-env sets it)
   --nchan              measure nginx + nchan instead (packages nginx-light, libnginx-mod-nchan)
   --target URL         measure a running server: stream URL with {env}, e.g.
                        http://127.0.0.1:8000/sse/environments/{env}/stream
@@ -173,6 +181,7 @@ impl Opts {
             chart_from: Vec::new(),
             cdf_csv: None,
             label: None,
+            responsive: false,
         };
         if args.iter().any(|a| a == "--quick") {
             o.quick = true;
@@ -221,6 +230,7 @@ impl Opts {
                     gap_set = true;
                 }
                 "--second-instance" => o.second_instance = true,
+                "--responsive" => o.responsive = true,
                 "--qc-seconds" => o.qc_seconds = num(&val(a)?, a)?,
                 "--qc-conns" => o.qc_conns = num(&val(a)?, a)?,
                 "--floor-pairs" => o.floor_pairs = num(&val(a)?, a)?,
@@ -287,6 +297,23 @@ impl Opts {
             }
             if o.instances > 32 {
                 return Err("--instances must be at most 32".into());
+            }
+        }
+        if o.responsive {
+            if o.second_instance || o.instances > 0 {
+                return Err(
+                    "--responsive goes with neither --second-instance nor --instances".into(),
+                );
+            }
+            o.envs = 1;
+            if !rounds_set {
+                o.rounds = 12;
+            }
+            if !gap_set {
+                o.round_gap = 0.5;
+            }
+            if !o.server_env.iter().any(|(k, _)| k == "STREAM_DELAY") {
+                o.server_env.push(("STREAM_DELAY".into(), "0".into()));
             }
         }
         if o.workers == 0 {
