@@ -194,3 +194,67 @@ fn a_health_probe_is_answered_while_a_fan_out_is_under_way() {
         "in {ROUNDS} rounds the probe was answered only after every subscriber had the event"
     );
 }
+
+#[test]
+fn a_large_snapshot_is_applied_over_several_turns_while_requests_are_answered() {
+    let _turn = one_at_a_time();
+    const ENVS: usize = 100_000;
+    let time: i64 = 1_736_705_202_028_061;
+    let redis = Redis::start();
+    let filled = redis.cli(&[
+        "EVAL",
+        "for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'env-' .. i, ARGV[2]) end \
+         return redis.call('HLEN', KEYS[1])",
+        "1",
+        "{flagsmith_sse}:times",
+        &ENVS.to_string(),
+        &time.to_string(),
+    ]);
+    assert_eq!(filled.as_deref().map(str::trim), Some("100000"));
+    let server = Server::start(&[("REDIS_URL", &redis.url()), ("LOG_LEVEL", "info")]);
+    // Readiness and the cached-environment gauge, asked together (pipelined) over and over
+    // while the server starts: once ready, is the snapshot all in, or still being applied?
+    let mut probe = TcpStream::connect(server.addr).expect("connect");
+    let pair = b"GET /health/readiness/ HTTP/1.1\r\nHost: t\r\n\r\nGET /metrics HTTP/1.1\r\nHost: t\r\n\r\n";
+    let cached = |r: &Response| -> usize {
+        r.text()
+            .lines()
+            .find_map(|l| l.strip_prefix("flagsmith_sse_environments_cached "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("flagsmith_sse_environments_cached in /metrics")
+    };
+    let mut partial = Vec::new();
+    let all_in = wait_until(Duration::from_secs(60), || {
+        probe.write_all(pair).unwrap();
+        let ready = read_response(&mut probe).status == 200;
+        let n = cached(&read_response(&mut probe));
+        if ready && n < ENVS {
+            partial.push(n);
+        }
+        ready && n == ENVS
+    });
+    assert!(
+        all_in,
+        "the snapshot of {ENVS} environments was not all applied"
+    );
+    println!(
+        "ready with {} of the snapshot's {ENVS} environments applied, in {} answers",
+        partial.first().map_or(ENVS, |&n| n),
+        partial.len()
+    );
+    assert!(
+        !partial.is_empty(),
+        "every request answered once ready saw the whole snapshot applied: it was applied in \
+         one turn"
+    );
+    assert!(
+        partial.windows(2).all(|w| w[0] <= w[1]),
+        "the count went down: {partial:?}"
+    );
+    // And the times are the stored ones.
+    let mut s = Subscriber::connect(server.addr, "env-77777");
+    assert_eq!(
+        s.next_update(Duration::from_secs(10)).as_deref(),
+        Some(epoch_text(time).as_str())
+    );
+}
