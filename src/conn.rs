@@ -538,4 +538,123 @@ mod tests {
             assert!(s.finished, "chunked: {chunked}");
         }
     }
+
+    /// A connected pair over loopback: our side (non-blocking, small send buffer) and the
+    /// peer's.
+    fn pair() -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        sys::set_send_buffer(&ours, 4096).unwrap();
+        (TcpStream::from_std(ours), peer)
+    }
+
+    const KEEPALIVE: u64 = 1_000;
+
+    #[test]
+    fn a_stream_refuses_times_it_has_and_everything_once_ending() {
+        let (mut sock, _peer) = pair();
+        let mut s = Stream::new(0, 0, true, 0, 50);
+        assert!(s.offer(&Event::new(10)));
+        assert!(!s.offer(&Event::new(10)), "the same time twice");
+        assert!(!s.offer(&Event::new(9)), "an older time");
+        assert!(matches!(
+            s.write(&mut sock, 1, 7, KEEPALIVE),
+            Next::WakeAt(50)
+        ));
+        assert_eq!(s.due(&sock, 50, 7, KEEPALIVE), Due::Write { pinged: false });
+        assert!(
+            !s.offer(&Event::new(11)),
+            "a newer time after the end is queued"
+        );
+        assert!(matches!(
+            s.write(&mut sock, 50, 7, KEEPALIVE),
+            Next::Finished
+        ));
+    }
+
+    #[test]
+    fn a_quiet_stream_is_due_a_ping_and_then_waits_for_the_next() {
+        let (mut sock, _peer) = pair();
+        let mut s = Stream::new(0, 0, true, 0, u64::MAX);
+        let Next::WakeAt(at) = s.write(&mut sock, 0, 7, KEEPALIVE) else {
+            panic!("the head was not written");
+        };
+        assert_eq!(at, ping_due(0, 7, KEEPALIVE));
+        assert!(at > 0 && at <= KEEPALIVE);
+        assert_eq!(
+            s.due(&sock, at - 1, 7, KEEPALIVE),
+            Due::Write { pinged: false }
+        );
+        assert_eq!(s.due(&sock, at, 7, KEEPALIVE), Due::Write { pinged: true });
+        assert!(
+            matches!(s.write(&mut sock, at, 7, KEEPALIVE), Next::WakeAt(n) if n == ping_due(at, 7, KEEPALIVE))
+        );
+    }
+
+    #[test]
+    fn a_reader_that_takes_nothing_is_found_stalled_one_interval_after_the_first_block() {
+        let (mut sock, _peer) = pair();
+        let mut s = Stream::new(0, 0, true, 0, u64::MAX);
+        // Fill the kernel's buffers (the peer reads nothing), then one more event waits.
+        let mut t = 0;
+        let blocked_at = loop {
+            t += 1;
+            assert!(t < 1_000_000, "the socket never blocked");
+            assert!(s.offer(&Event::new(t)));
+            match s.write(&mut sock, 100, 7, KEEPALIVE) {
+                Next::WakeAt(at) if s.pending_bytes() > 0 => break at,
+                Next::WakeAt(_) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            blocked_at,
+            100 + KEEPALIVE,
+            "the stall check is due an interval later"
+        );
+        // A later attempt does not push the check back.
+        assert!(s.offer(&Event::new(t + 1)));
+        assert!(
+            matches!(s.write(&mut sock, 600, 7, KEEPALIVE), Next::WakeAt(at) if at == 100 + KEEPALIVE)
+        );
+        assert_eq!(
+            s.due(&sock, 100 + KEEPALIVE - 1, 7, KEEPALIVE),
+            Due::Write { pinged: false }
+        );
+        assert!(matches!(s.due(&sock, 100 + KEEPALIVE, 7, KEEPALIVE), Due::Stalled(n) if n > 0));
+
+        // Had the peer read meanwhile, the mark moves on instead.
+        let mut s2 = Stream::new(0, 0, true, 0, u64::MAX);
+        let (mut sock2, mut peer2) = pair();
+        let mut t2 = 0;
+        loop {
+            t2 += 1;
+            assert!(s2.offer(&Event::new(t2)));
+            if let Next::WakeAt(_) = s2.write(&mut sock2, 100, 7, KEEPALIVE)
+                && s2.pending_bytes() > 0
+            {
+                break;
+            }
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        peer2
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let n = std::io::Read::read(&mut peer2, &mut buf).unwrap();
+        assert!(n > 0);
+        // The acknowledgement of what was read comes back over loopback; wait for it, bounded.
+        let acked = (0..500).any(|_| {
+            let moved = matches!(
+                s2.due(&sock2, 100 + KEEPALIVE, 7, KEEPALIVE),
+                Due::Write { .. }
+            );
+            if !moved {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            moved
+        });
+        assert!(acked, "a reader that took bytes was found stalled");
+    }
 }
