@@ -208,7 +208,7 @@ const PING_TICK_MS: u64 = 100;
 /// the same instant. Deadlines are rounded down to ticks of [`PING_TICK_MS`] (at most a tenth
 /// of the interval), so that the loop wakes a few times a second to send the pings due, rather
 /// than once for each: the pings stay spread over the interval, in small groups.
-pub fn ping_due(last_write: u64, serial: u64, keepalive: u64) -> u64 {
+fn ping_due(last_write: u64, serial: u64, keepalive: u64) -> u64 {
     let h = serial.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
     let due = last_write + keepalive - h % (keepalive / 10 + 1);
     let tick = PING_TICK_MS.min(keepalive / 10).max(1);

@@ -5,7 +5,7 @@
 //! deadlines plus the store-fetch slot); there is no timer thread. Store work goes to the helper
 //! thread ([`crate::store::Helper`]) and comes back over a channel and the waker. Updates are
 //! written straight from here to the sockets. This file owns the turn: what one loop turn does,
-//! in which order, and how much of each ([`TURN_BUDGET`]); work left over (connections,
+//! in which order, and how much of each (`TURN_BUDGET`); work left over (connections,
 //! timers, store times, fan-outs) makes the next `poll` return at once. See
 //! `docs/ARCHITECTURE.md` for the whole picture.
 
