@@ -4,10 +4,14 @@
 //! The loop's timeout comes from the earliest deadline (a heap of connection and environment
 //! deadlines plus the store-fetch slot); there is no timer thread. Store work goes to the helper
 //! thread ([`crate::store::Helper`]) and comes back over a channel and the waker. Updates are
-//! written straight from here to the sockets. This file owns the turn: what one loop turn does,
-//! in which order, and how much of each (`TURN_BUDGET`); work left over (connections,
-//! timers, store times, fan-outs) makes the next `poll` return at once. See
-//! `docs/ARCHITECTURE.md` for the whole picture.
+//! written straight from here to the sockets. This file owns the server's state and the turn:
+//! what one loop turn does, in which order, and how much of each (`TURN_BUDGET`); work left over
+//! (connections, timers, store times, fan-outs, answers, the shutdown walk) makes the next `poll`
+//! return at once. Each concern the turn calls on has a file of its own: `accept.rs` (taking
+//! clients on), `timers.rs` (the timer heap and fetch scheduling), `requests.rs` (HTTP requests),
+//! `streams.rs` (subscribers and fan-out), `replies.rs` (the store helper's answers),
+//! `close.rs` (how a connection ends), `shutdown.rs` (SIGTERM), `access.rs` (the access log)
+//! and `admin.rs`. See `docs/ARCHITECTURE.md` for the whole picture.
 
 use crate::config::{Config, StoreConfig};
 use crate::conn::{self, Closing, Conn, Http, Io, State, Stream};
@@ -31,11 +35,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod accept;
 mod access;
 mod admin;
+mod close;
 mod replies;
 mod requests;
+mod shutdown;
 mod streams;
+mod timers;
+
+use timers::Timer;
 
 /// The listening socket.
 pub const LISTENER: Token = Token(usize::MAX - 1);
@@ -44,8 +54,6 @@ pub const WAKER: Token = Token(usize::MAX - 2);
 /// SIGTERM / SIGINT.
 pub const SIGNAL: Token = Token(usize::MAX - 3);
 
-/// Connections accepted per loop turn before other work gets a go.
-const MAX_ACCEPTS_PER_TURN: usize = 512;
 /// Reads (of the scratch buffer's size) per connection per turn.
 const MAX_READS_PER_TURN: usize = 16;
 /// Request-processing steps per connection per turn (bounds pipelining storms).
@@ -57,12 +65,8 @@ const SCRATCH_SIZE: usize = 64 * 1024;
 /// requests is returned once they are done, instead of staying in a fragmented heap.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 32 * 1024;
-/// Input a subscriber may send after its request before it is disconnected.
-const MAX_STREAM_INPUT: usize = 4 * 1024;
 /// Responses gathered from one read of pipelined requests before they are written.
 const MAX_GATHERED_OUTPUT: usize = 64 * 1024;
-/// Time a closing connection gets to take its response and hang up (ms).
-const LINGER_MS: u64 = 2_000;
 /// Send buffer of stream sockets: events are tiny, and a small buffer makes a stalled reader
 /// visible instead of letting the kernel absorb megabytes for it.
 const STREAM_SNDBUF: usize = 8 * 1024;
@@ -72,8 +76,6 @@ const STREAM_SNDBUF: usize = 8 * 1024;
 const RESERVED_FDS: u64 = 64;
 /// Descriptors kept back at the least; about ten are in use before the first client.
 const MIN_RESERVED_FDS: u64 = 16;
-/// Retry delay when accepting failed for lack of descriptors (ms).
-const ACCEPT_RETRY_MS: u64 = 100;
 /// Wait before a wake-up whose fetch failed is tried again (ms): the change it announced is
 /// known to be waiting, and the store's own backoff answers at once meanwhile.
 const WAKEUP_RETRY_MS: u64 = 250;
@@ -89,15 +91,6 @@ const TURN_BUDGET: Duration = Duration::from_millis(1);
 const MIN_ITEMS_PER_PART: usize = 8;
 /// Hard limit after the shutdown grace period before the loop exits anyway (ms).
 const SHUTDOWN_SLACK_MS: u64 = 3_000;
-
-/// A deadline in the timer heap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Timer {
-    /// A connection's next deadline: (token, serial).
-    Conn(usize, u64),
-    /// The end of an environment's coalescing window.
-    Env(u32),
-}
 
 /// An environment the loop knows about.
 struct Env {
@@ -479,210 +472,6 @@ impl Server {
         self.revisit.extend(left);
     }
 
-    fn accept(&mut self) {
-        for accepted in 0..MAX_ACCEPTS_PER_TURN {
-            if accepted >= MIN_ITEMS_PER_PART && self.turn_over() {
-                // Still ready: more next turn.
-                return;
-            }
-            let Some(listener) = &self.listener else {
-                self.listener_ready = false;
-                return;
-            };
-            match listener.accept() {
-                Ok((sock, _)) => {
-                    if self.conns.len() >= self.max_conns {
-                        self.metrics.reject(Rejection::MaxConnections);
-                        refuse(sock);
-                        continue;
-                    }
-                    self.add_conn(sock);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.listener_ready = false;
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                    ) =>
-                {
-                    // Free the reserve descriptor to take the client off the queue and tell it.
-                    // accept(2) runs out of descriptors before it looks at the queue, so the
-                    // queue may be empty: then the listener is drained, as after WouldBlock.
-                    if let Some(spare) = self.spare_fd.take() {
-                        drop(spare);
-                        let drained = match self.listener.as_ref().map(|l| l.accept()) {
-                            Some(Ok((sock, _))) => {
-                                self.metrics.reject(Rejection::NoDescriptors);
-                                refuse(sock);
-                                false
-                            }
-                            Some(Err(e)) => e.kind() == io::ErrorKind::WouldBlock,
-                            None => true,
-                        };
-                        self.spare_fd = std::fs::File::open("/dev/null").ok();
-                        if drained {
-                            self.listener_ready = false;
-                            return;
-                        }
-                        if self.spare_fd.is_some() {
-                            continue;
-                        }
-                    }
-                    warn!("out of file descriptors ({e}); accepting again in {ACCEPT_RETRY_MS} ms");
-                    self.accept_retry_at = self.now() + ACCEPT_RETRY_MS;
-                    return;
-                }
-                Err(e) => {
-                    debug!("accept: {e}");
-                }
-            }
-        }
-        // Still ready: more next turn, after the other work.
-    }
-
-    fn add_conn(&mut self, mut sock: TcpStream) {
-        let _ = sock.set_nodelay(true);
-        let token = self.conns.vacant_key();
-        if let Err(e) = self.poll.registry().register(
-            &mut sock,
-            Token(token),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            warn!("register: {e}");
-            return;
-        }
-        let now = self.now();
-        let deadline = now + ms(self.cfg.request_timeout);
-        let serial = self.next_serial;
-        self.next_serial += 1;
-        self.conns.insert(Conn {
-            sock,
-            serial,
-            timer_at: u64::MAX,
-            readable: true,
-            stray_input: 0,
-            state: State::Http(Box::new(Http::new(deadline, &self.budget))),
-        });
-        self.schedule(token, deadline);
-        self.drive(token);
-    }
-
-    /// Makes sure connection `token` is woken at `at` or earlier.
-    fn schedule(&mut self, token: usize, at: u64) {
-        if let Some(c) = self.conns.get_mut(token)
-            && at < c.timer_at
-        {
-            c.timer_at = at;
-            self.timers
-                .push(Reverse((at, Timer::Conn(token, c.serial))));
-        }
-    }
-
-    /// Starts a fetch when the interval is due or a wake-up came, unless one is in flight. A
-    /// wake-up that finds a fetch in flight waits for it: any number of them make one fetch.
-    fn schedule_fetch(&mut self, now: u64) {
-        if self.wakeup_flag.swap(false, Ordering::Acquire) || now >= self.wakeup_retry_at {
-            self.wakeup_pending = true;
-            self.wakeup_retry_at = u64::MAX;
-        }
-        if self.wakeup_pending && !self.fetch_in_flight && self.helper.send(Command::Fetch) {
-            self.fetch_in_flight = true;
-            self.fetch_for_wakeup = true;
-            self.wakeup_pending = false;
-            self.metrics.fetch(FetchTrigger::Wakeup);
-        }
-        if now >= self.next_fetch_at {
-            let interval = ms(self.cfg.cache_update_interval).max(1);
-            if !self.fetch_in_flight && self.helper.send(Command::Fetch) {
-                self.fetch_in_flight = true;
-                self.fetch_for_wakeup = false;
-                self.metrics.fetch(FetchTrigger::Interval);
-            }
-            // A slow fetch makes the next one skip rather than queue up.
-            self.next_fetch_at = if self.next_fetch_at + interval > now {
-                self.next_fetch_at + interval
-            } else {
-                now + interval
-            };
-        }
-    }
-
-    fn run_timers(&mut self) {
-        let now = self.now();
-        self.expire_writes(now);
-        self.schedule_fetch(now);
-        let mut fired = 0;
-        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
-            if at > now || (fired >= MIN_ITEMS_PER_PART && self.turn_over()) {
-                // Deadlines still due keep the next poll from sleeping.
-                break;
-            }
-            fired += 1;
-            self.timers.pop();
-            match timer {
-                Timer::Conn(token, serial) => {
-                    let Some(c) = self.conns.get_mut(token) else {
-                        continue;
-                    };
-                    if c.serial != serial || c.timer_at != at {
-                        continue;
-                    }
-                    c.timer_at = u64::MAX;
-                    self.conn_timer(token, now);
-                }
-                Timer::Env(id) => {
-                    let Some(env) = self.envs.get_mut(id as usize) else {
-                        continue;
-                    };
-                    if env.timer_at != at {
-                        continue;
-                    }
-                    env.timer_at = u64::MAX;
-                    if env.pending {
-                        self.broadcast(id, now);
-                    }
-                }
-            }
-        }
-    }
-
-    fn conn_timer(&mut self, token: usize, now: u64) {
-        let Some(c) = self.conns.get_mut(token) else {
-            return;
-        };
-        match &mut c.state {
-            State::Http(h) => {
-                if h.awaiting_store {
-                    return;
-                }
-                if now < h.deadline {
-                    let at = h.deadline;
-                    self.schedule(token, at);
-                } else if h.served > 0 && h.reader.is_idle() && !h.has_output() {
-                    self.close(token, Why::Done);
-                } else if h.has_output() {
-                    self.close(token, Why::Deadline);
-                } else {
-                    self.metrics.reject(Rejection::Timeout);
-                    self.fail(token, &HttpError::Timeout);
-                }
-            }
-            State::Closing(cl) => {
-                if now >= cl.deadline {
-                    self.close(token, Why::Deadline);
-                } else {
-                    let at = cl.deadline;
-                    self.schedule(token, at);
-                }
-            }
-            State::Stream(_) => self.stream_due(token, now),
-        }
-    }
-
     fn drive(&mut self, token: usize) {
         let now = self.now();
         match self.conns.get(token).map(|c| &c.state) {
@@ -693,201 +482,6 @@ impl Server {
             }
             Some(State::Closing(_)) => self.drive_closing(token),
             None => {}
-        }
-    }
-
-    /// Reads and drops what a subscriber sends; EOF or an error ends the stream, and so does
-    /// more than [`MAX_STREAM_INPUT`] bytes (a stream client has nothing more to say).
-    fn discard_input(&mut self, token: usize) {
-        for _ in 0..MAX_READS_PER_TURN {
-            let Some(c) = self.conns.get_mut(token) else {
-                return;
-            };
-            if !c.readable {
-                return;
-            }
-            match conn::read_nb(&mut c.sock, &mut self.scratch) {
-                (n, Io::Done) => {
-                    if !self.stray_input(token, n) {
-                        return;
-                    }
-                }
-                (_, Io::WouldBlock) => c.readable = false,
-                (_, Io::Closed) => return self.close(token, Why::Peer),
-                (_, Io::Error(e)) => return self.stream_failed(token, &e),
-            }
-        }
-        if let Some(c) = self.conns.get(token) {
-            self.revisit.push((token, c.serial));
-        }
-    }
-
-    /// Counts `n` bytes a subscriber sent after its request; past [`MAX_STREAM_INPUT`] the
-    /// stream is closed (and false returned).
-    fn stray_input(&mut self, token: usize, n: usize) -> bool {
-        let Some(c) = self.conns.get_mut(token) else {
-            return false;
-        };
-        c.stray_input = c
-            .stray_input
-            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
-        if c.stray_input as usize <= MAX_STREAM_INPUT {
-            return true;
-        }
-        debug!(
-            "closing a stream whose client sent {} bytes after its request",
-            c.stray_input
-        );
-        self.metrics.reject(Rejection::StreamInput);
-        self.close(token, Why::Peer);
-        false
-    }
-
-    fn drive_closing(&mut self, token: usize) {
-        let Some(c) = self.conns.get_mut(token) else {
-            return;
-        };
-        let State::Closing(cl) = &mut c.state else {
-            return;
-        };
-        if cl.out_pos < cl.out.len() {
-            let (n, io) = conn::write_all_nb(&mut c.sock, &cl.out[cl.out_pos..]);
-            cl.out_pos += n;
-            match io {
-                Io::Done => {}
-                Io::WouldBlock => return,
-                Io::Closed | Io::Error(_) => return self.close(token, Why::Peer),
-            }
-        }
-        if !cl.shut {
-            cl.shut = true;
-            cl.out = Vec::new();
-            let _ = c.sock.shutdown(Shutdown::Write);
-        }
-        for _ in 0..MAX_READS_PER_TURN {
-            if !c.readable {
-                return;
-            }
-            match conn::read_nb(&mut c.sock, &mut self.scratch) {
-                (_, Io::Done) => {}
-                (_, Io::WouldBlock) => {
-                    c.readable = false;
-                    return;
-                }
-                (_, Io::Closed | Io::Error(_)) => return self.close(token, Why::Done),
-            }
-        }
-        let serial = c.serial;
-        self.revisit.push((token, serial));
-    }
-
-    /// Turns the connection into a closing one that writes `out`, then hangs up gracefully.
-    fn linger(&mut self, token: usize, out: Vec<u8>) {
-        let deadline = self.now() + LINGER_MS;
-        let Some(c) = self.conns.get_mut(token) else {
-            return;
-        };
-        if let State::Stream(_) = c.state {
-            let reason = if self.shutdown_at.is_some() {
-                "shutdown"
-            } else {
-                "ended"
-            };
-            self.log_stream_closed(token, reason);
-            self.unsubscribe(token);
-        }
-        let Some(c) = self.conns.get_mut(token) else {
-            return;
-        };
-        c.state = State::Closing(Closing {
-            out,
-            out_pos: 0,
-            shut: false,
-            deadline,
-        });
-        self.schedule(token, deadline);
-        self.drive_closing(token);
-    }
-
-    fn begin_shutdown(&mut self) {
-        if self.shutdown_at.is_some() {
-            return;
-        }
-        let now = self.now();
-        info!(
-            "shutting down: ending {} streams over {:?}",
-            self.streams, self.cfg.shutdown_grace
-        );
-        self.shutdown_at = Some(now);
-        self.listener = None;
-        self.listener_ready = false;
-        let grace = ms(self.cfg.shutdown_grace);
-        let tokens: Vec<usize> = self.conns.keys().collect();
-        for token in tokens {
-            let end = now + if grace > 0 { self.random() % grace } else { 0 };
-            let Some(c) = self.conns.get_mut(token) else {
-                continue;
-            };
-            match &mut c.state {
-                State::Stream(s) => {
-                    s.end_by(end);
-                    self.schedule(token, end);
-                }
-                State::Http(h) => {
-                    if h.awaiting_store || h.has_output() {
-                        h.close_after = true;
-                    } else if h.reader.is_idle() {
-                        self.close(token, Why::Done);
-                    }
-                    // Otherwise a request is arriving: it is served, with `Connection: close`
-                    // like every response from now on, and the connection closed after it.
-                }
-                State::Closing(_) => {}
-            }
-        }
-    }
-
-    /// Ends a stream whose socket failed. ETIMEDOUT is the kernel's TCP_USER_TIMEOUT: the
-    /// reader acknowledged nothing for a keep-alive interval.
-    fn stream_failed(&mut self, token: usize, e: &io::Error) {
-        if e.raw_os_error() == Some(libc::ETIMEDOUT) {
-            debug!(
-                "closing a stalled reader (nothing acknowledged within the keep-alive interval)"
-            );
-            self.metrics.reject(Rejection::Stalled);
-            self.close(token, Why::Stalled);
-        } else {
-            debug!("stream socket: {e}");
-            self.close(token, Why::Error);
-        }
-    }
-
-    fn close(&mut self, token: usize, why: Why) {
-        if let Some(State::Stream(_)) = self.conns.get(token).map(|c| &c.state) {
-            self.log_stream_closed(token, access::why_name(why));
-            self.unsubscribe(token);
-        }
-        if let Some(c) = self.conns.remove(token) {
-            debug!("closing connection {token}: {why:?}");
-            drop(c);
-            if self.accept_retry_at > self.now() {
-                // A descriptor came free: try the listener again now.
-                self.accept_retry_at = 0;
-            }
-        }
-    }
-}
-
-/// Tells a client that could not be taken on to come back later, without keeping it.
-fn refuse(mut sock: TcpStream) {
-    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 34\r\nRetry-After: 1\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n{\"detail\": \"too many connections\"}";
-    let _ = conn::write_all_nb(&mut sock, BUSY);
-    let _ = sock.shutdown(Shutdown::Write);
-    // Read what already arrived so that closing sends FIN rather than RST.
-    let mut buf = [0u8; 4096];
-    for _ in 0..4 {
-        if !matches!(conn::read_nb(&mut sock, &mut buf), (_, Io::Done)) {
-            break;
         }
     }
 }

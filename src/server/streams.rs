@@ -17,6 +17,8 @@ use std::collections::VecDeque;
 pub(super) const FANOUT_SLICE: Duration = Duration::from_millis(1);
 /// Subscribers visited between two looks at the clock during a fan-out.
 const FANOUT_CLOCK_EVERY: usize = 16;
+/// Input a subscriber may send after its request before it is disconnected.
+const MAX_STREAM_INPUT: usize = 4 * 1024;
 /// Store times applied between two looks at the clock.
 const TIMES_CLOCK_EVERY: usize = 64;
 
@@ -331,5 +333,52 @@ impl Server {
             let next = s.write(&mut c.sock, now, c.serial, keepalive);
             self.after_write(token, next);
         }
+    }
+
+    /// Reads and drops what a subscriber sends; EOF or an error ends the stream, and so does
+    /// more than [`MAX_STREAM_INPUT`] bytes (a stream client has nothing more to say).
+    pub(super) fn discard_input(&mut self, token: usize) {
+        for _ in 0..MAX_READS_PER_TURN {
+            let Some(c) = self.conns.get_mut(token) else {
+                return;
+            };
+            if !c.readable {
+                return;
+            }
+            match conn::read_nb(&mut c.sock, &mut self.scratch) {
+                (n, Io::Done) => {
+                    if !self.stray_input(token, n) {
+                        return;
+                    }
+                }
+                (_, Io::WouldBlock) => c.readable = false,
+                (_, Io::Closed) => return self.close(token, Why::Peer),
+                (_, Io::Error(e)) => return self.stream_failed(token, &e),
+            }
+        }
+        if let Some(c) = self.conns.get(token) {
+            self.revisit.push((token, c.serial));
+        }
+    }
+
+    /// Counts `n` bytes a subscriber sent after its request; past [`MAX_STREAM_INPUT`] the
+    /// stream is closed (and false returned).
+    pub(super) fn stray_input(&mut self, token: usize, n: usize) -> bool {
+        let Some(c) = self.conns.get_mut(token) else {
+            return false;
+        };
+        c.stray_input = c
+            .stray_input
+            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        if c.stray_input as usize <= MAX_STREAM_INPUT {
+            return true;
+        }
+        debug!(
+            "closing a stream whose client sent {} bytes after its request",
+            c.stray_input
+        );
+        self.metrics.reject(Rejection::StreamInput);
+        self.close(token, Why::Peer);
+        false
     }
 }
