@@ -284,3 +284,80 @@ fn a_second_signal_exits_at_once_while_the_store_helper_is_stuck() {
     assert!(took < Duration::from_millis(1500), "took {took:?}");
     assert!(server.log().contains("second signal"), "{}", server.log());
 }
+
+/// Thousands of streams, idle keep-alive connections and a fan-out under way when the signal
+/// comes: the walk that ends them spans turns, and still every stream ends with its final chunk
+/// (after the update at most once), every idle connection is closed, and the exit is 0.
+#[test]
+fn thousands_of_streams_all_end_with_their_final_chunk_and_exit_0() {
+    const STREAMS: usize = 3_000;
+    const IDLE: usize = 50;
+    let grace = Duration::from_secs(2);
+    let mut server = Server::start(&[
+        ("SHUTDOWN_GRACE_SECONDS", "2"),
+        ("STREAM_DELAY", "0"),
+        ("MAX_STREAM_AGE", "-1"),
+        ("LOG_LEVEL", "info"),
+    ]);
+    let mut crowd = Crowd::connect(server.addr, "k", STREAMS);
+    let mut idle: Vec<TcpStream> = (0..IDLE)
+        .map(|_| {
+            let mut s = TcpStream::connect(server.addr).unwrap();
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            assert_eq!(read_response(&mut s).status, 200);
+            s
+        })
+        .collect();
+    // An update whose fan-out is likely still under way when the signal arrives.
+    let mut poster = Poster::connect(server.addr);
+    assert_eq!(poster.post("k", &update_body(BASE + 7)).status, 200);
+    let t0 = Instant::now();
+    server.signal("TERM");
+    assert!(server.wait_log("shutting down", Duration::from_secs(5)));
+    // Some subscribers leave while the walk is under way.
+    let left = |i: usize| i.is_multiple_of(7) && i < 70;
+    for i in (0..crowd.len()).filter(|&i| left(i)) {
+        crowd.close(i);
+    }
+
+    let done = crowd.pump_until(grace + Duration::from_secs(10), |c| {
+        (0..c.len()).all(|i| left(i) || c.ended[i])
+    });
+    let open = (0..crowd.len())
+        .filter(|&i| !left(i) && !crowd.ended[i])
+        .count();
+    assert!(done, "{open} streams not ended after {:?}", t0.elapsed());
+    let ended_at = t0.elapsed();
+    let want = update_text(BASE + 7);
+    for i in (0..crowd.len()).filter(|&i| !left(i)) {
+        assert!(
+            crowd.finished[i],
+            "stream {i} ended without its final chunk"
+        );
+        // A stream whose end time comes before the fan-out reaches it ends without the update;
+        // none gets it twice, or anything else.
+        assert!(
+            crowd.history[i].iter().all(|u| *u == want) && crowd.history[i].len() <= 1,
+            "stream {i}: {:?}",
+            crowd.history[i]
+        );
+    }
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        assert!(
+            matches!(s.read_to_end(&mut buf), Ok(0)),
+            "idle connection {i} not closed"
+        );
+    }
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("the server did not exit");
+    println!(
+        "{STREAMS} streams ended within {ended_at:?}; exited with {status} after {:?}",
+        t0.elapsed()
+    );
+    assert!(status.success(), "exit status {status}");
+    assert!(server.log().contains("all connections closed"));
+}

@@ -182,6 +182,8 @@ pub struct Server {
     /// When the current turn's budget is spent.
     turn_ends: Instant,
     shutdown_at: Option<u64>,
+    /// Connections the shutdown walk has not visited yet: (token, serial).
+    shutdown_walk: Vec<(usize, u64)>,
     rng: u64,
     metrics: Metrics,
 }
@@ -324,6 +326,7 @@ impl Server {
             backlog: streams::Backlog::default(),
             turn_ends: Instant::now(),
             shutdown_at: None,
+            shutdown_walk: Vec::new(),
             rng: seed | 1,
             metrics: Metrics::default(),
         })
@@ -407,6 +410,7 @@ impl Server {
                 self.accept();
             }
             self.revisit_leftovers();
+            self.end_some();
             self.run_timers();
             let now = self.now();
             self.apply_times(now);
@@ -432,6 +436,7 @@ impl Server {
         let now = self.now();
         if !self.revisit.is_empty()
             || !self.backlog.is_empty()
+            || self.shutdown_walk_left()
             || (self.listener_ready && now >= self.accept_retry_at)
         {
             return Some(Duration::ZERO);
