@@ -175,6 +175,8 @@ pub struct Server {
     /// When each write times out (ms), oldest first.
     write_deadlines: VecDeque<(u64, store::WriteId)>,
     next_write_id: store::WriteId,
+    /// Writes the store acknowledged whose queue-changes are not answered yet, in order.
+    acknowledged: VecDeque<(store::WriteId, Change, Result<Micros, StoreError>)>,
     /// Writes sent to the helper that it has not answered (timed out ones included).
     writes_at_helper: usize,
     /// Fan-outs under way and store times not yet applied.
@@ -323,6 +325,7 @@ impl Server {
             write_deadlines: VecDeque::new(),
             next_write_id: 1,
             writes_at_helper: 0,
+            acknowledged: VecDeque::new(),
             backlog: streams::Backlog::default(),
             turn_ends: Instant::now(),
             shutdown_at: None,
@@ -405,6 +408,7 @@ impl Server {
             }
             // The waker may have fired before a reply was visible; replies are cheap to poll.
             self.drain_replies();
+            self.answer_writes();
             let now = self.now();
             if self.listener_ready && now >= self.accept_retry_at {
                 self.accept();
@@ -437,6 +441,7 @@ impl Server {
         if !self.revisit.is_empty()
             || !self.backlog.is_empty()
             || self.shutdown_walk_left()
+            || !self.acknowledged.is_empty()
             || (self.listener_ready && now >= self.accept_retry_at)
         {
             return Some(Duration::ZERO);

@@ -39,34 +39,48 @@ impl Server {
                 }
                 Reply::Written(results) => {
                     self.writes_at_helper = self.writes_at_helper.saturating_sub(results.len());
-                    // Answer every publisher first: its 200 need not wait for the fan-out.
-                    let mut stored_times = Vec::with_capacity(results.len());
-                    for (id, change, result) in results {
-                        self.log_queue_change(id, Some(&change.key), result.is_ok());
-                        let out = match result {
-                            Ok(stored) => {
-                                stored_times.push(Change {
-                                    key: change.key,
-                                    time: stored,
-                                });
-                                let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
-                                timestamp::write_epoch_seconds(stored, &mut body);
-                                body.push(b'}');
-                                Ok(body)
-                            }
-                            Err(e) => Err(e),
-                        };
-                        // A write answered 503 already (it took too long) is not answered
-                        // again; its stored time still goes to subscribers below.
-                        if !self.finish_write(id, out, now) {
-                            debug!("a late store reply arrived for a queue-change answered 503");
-                        }
-                    }
-                    self.queue_times(stored_times);
+                    // Answered by `answer_writes`, a budget per turn.
+                    self.acknowledged.extend(results);
                 }
                 Reply::Stats(stats) => self.metrics.store_commands = stats,
             }
         }
+    }
+
+    /// Answers the queue-changes the store acknowledged, in the order it acknowledged them,
+    /// until the turn's budget is spent (after at least [`MIN_ITEMS_PER_PART`]); the rest wait
+    /// for the next turn. Every publisher in this turn is answered before its stored time joins
+    /// the times from the store: its 200 need not wait for the fan-out.
+    pub(super) fn answer_writes(&mut self) {
+        let now = self.now();
+        let mut stored_times = Vec::new();
+        let mut answered = 0;
+        while let Some((id, change, result)) = self.acknowledged.pop_front() {
+            self.log_queue_change(id, Some(&change.key), result.is_ok());
+            let out = match result {
+                Ok(stored) => {
+                    stored_times.push(Change {
+                        key: change.key,
+                        time: stored,
+                    });
+                    let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
+                    timestamp::write_epoch_seconds(stored, &mut body);
+                    body.push(b'}');
+                    Ok(body)
+                }
+                Err(e) => Err(e),
+            };
+            // A write answered 503 already (it took too long) is not answered again; its
+            // stored time still goes to subscribers.
+            if !self.finish_write(id, out, now) {
+                debug!("a late store reply arrived for a queue-change answered 503");
+            }
+            answered += 1;
+            if answered >= MIN_ITEMS_PER_PART && self.turn_over() {
+                break;
+            }
+        }
+        self.queue_times(stored_times);
     }
 
     /// Whether readiness is 200: the last fetch succeeded and one completed within the last
