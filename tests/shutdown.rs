@@ -297,7 +297,7 @@ fn thousands_of_streams_all_end_with_their_final_chunk_and_exit_0() {
         ("SHUTDOWN_GRACE_SECONDS", "2"),
         ("STREAM_DELAY", "0"),
         ("MAX_STREAM_AGE", "-1"),
-        ("LOG_LEVEL", "info"),
+        ("LOG_LEVEL", "debug"),
     ]);
     let mut crowd = Crowd::connect(server.addr, "k", STREAMS);
     let mut idle: Vec<TcpStream> = (0..IDLE)
@@ -354,10 +354,15 @@ fn thousands_of_streams_all_end_with_their_final_chunk_and_exit_0() {
     let status = server
         .wait_exit(Duration::from_secs(10))
         .expect("the server did not exit");
+    let log = server.log();
+    let walk = log
+        .lines()
+        .find(|l| l.contains("every connection has its end"))
+        .unwrap_or("(no walk line in the log)");
     println!(
-        "{STREAMS} streams ended within {ended_at:?}; exited with {status} after {:?}",
+        "{STREAMS} streams ended within {ended_at:?}; exited with {status} after {:?}; {walk}",
         t0.elapsed()
     );
     assert!(status.success(), "exit status {status}");
-    assert!(server.log().contains("all connections closed"));
+    assert!(log.contains("all connections closed"));
 }

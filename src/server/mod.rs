@@ -186,6 +186,8 @@ pub struct Server {
     shutdown_at: Option<u64>,
     /// Connections the shutdown walk has not visited yet: (token, serial).
     shutdown_walk: Vec<(usize, u64)>,
+    /// Turns the shutdown walk has worked in, for the debug log.
+    shutdown_walk_turns: u32,
     rng: u64,
     metrics: Metrics,
 }
@@ -330,6 +332,7 @@ impl Server {
             turn_ends: Instant::now(),
             shutdown_at: None,
             shutdown_walk: Vec::new(),
+            shutdown_walk_turns: 0,
             rng: seed | 1,
             metrics: Metrics::default(),
         })

@@ -39,6 +39,10 @@ impl Server {
         let Some(at) = self.shutdown_at else {
             return;
         };
+        if self.shutdown_walk.is_empty() {
+            return;
+        }
+        self.shutdown_walk_turns += 1;
         let grace = ms(self.cfg.shutdown_grace);
         let mut visited = 0;
         while let Some((token, serial)) = self.shutdown_walk.pop() {
@@ -69,6 +73,9 @@ impl Server {
                 return;
             }
         }
-        debug!("shutdown: every connection has its end");
+        debug!(
+            "shutdown: every connection has its end (visited over {} turns)",
+            self.shutdown_walk_turns
+        );
     }
 }
