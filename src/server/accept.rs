@@ -10,6 +10,8 @@ const MAX_ACCEPTS_PER_TURN: usize = 512;
 const ACCEPT_RETRY_MS: u64 = 100;
 
 impl Server {
+    /// Accepts waiting clients until the listener is drained, the per-turn cap or the turn's
+    /// budget is reached, or descriptors run out.
     pub(super) fn accept(&mut self) {
         for accepted in 0..MAX_ACCEPTS_PER_TURN {
             if accepted >= MIN_ITEMS_PER_PART && self.turn_over() {
@@ -75,6 +77,7 @@ impl Server {
         // Still ready: more next turn, after the other work.
     }
 
+    /// Registers an accepted socket as a new HTTP connection with its request deadline.
     pub(super) fn add_conn(&mut self, mut sock: TcpStream) {
         let _ = sock.set_nodelay(true);
         let token = self.conns.vacant_key();

@@ -8,6 +8,8 @@ use super::*;
 const LINGER_MS: u64 = 2_000;
 
 impl Server {
+    /// Writes a closing connection's last response, shuts down writing, then reads and drops
+    /// input until the peer hangs up.
     pub(super) fn drive_closing(&mut self, token: usize) {
         let Some(c) = self.conns.get_mut(token) else {
             return;
@@ -89,6 +91,7 @@ impl Server {
         }
     }
 
+    /// Removes connection `token`: the one place a connection ends.
     pub(super) fn close(&mut self, token: usize, why: Why) {
         if let Some(State::Stream(_)) = self.conns.get(token).map(|c| &c.state) {
             self.log_stream_closed(token, access::why_name(why));

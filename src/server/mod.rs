@@ -351,6 +351,7 @@ impl Server {
         }
     }
 
+    /// Milliseconds since the server started: the clock of every deadline.
     fn now(&self) -> u64 {
         ms(self.clock.elapsed())
     }
@@ -439,6 +440,8 @@ impl Server {
         }
     }
 
+    /// How long the next `poll` may sleep: zero while work is left over, else until the
+    /// earliest deadline.
     fn poll_timeout(&self) -> Option<Duration> {
         let now = self.now();
         if !self.revisit.is_empty()
@@ -485,6 +488,7 @@ impl Server {
         self.revisit.extend(left);
     }
 
+    /// Does what connection `token` is ready for, by its state.
     fn drive(&mut self, token: usize) {
         let now = self.now();
         match self.conns.get(token).map(|c| &c.state) {

@@ -5,6 +5,8 @@
 use super::*;
 
 impl Server {
+    /// Takes every reply the helper has sent: fetched times are queued, acknowledged writes
+    /// wait for [`Server::answer_writes`].
     pub(super) fn drain_replies(&mut self) {
         while let Ok(reply) = self.helper.rx.try_recv() {
             let now = self.now();

@@ -54,6 +54,8 @@ impl Server {
         }
     }
 
+    /// Fires the deadlines due (while the turn's budget lasts), times out writes at the store
+    /// and starts a fetch when one is due.
     pub(super) fn run_timers(&mut self) {
         let now = self.now();
         self.expire_writes(now);
@@ -93,6 +95,7 @@ impl Server {
         }
     }
 
+    /// Acts on connection `token`'s deadline, by its state.
     pub(super) fn conn_timer(&mut self, token: usize, now: u64) {
         let Some(c) = self.conns.get_mut(token) else {
             return;
