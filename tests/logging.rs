@@ -371,16 +371,48 @@ fn a_listen_error_names_the_address() {
 
 #[test]
 fn redis_errors_name_the_host() {
+    // Nothing listens on `port`: the fetch, the store thread's connection and the wake-up
+    // listener all fail, and each says where it tried (never with the password).
     let port = free_port();
     let server = Server::start(&[
         ("LOG_LEVEL", "info"),
         ("REDIS_URL", &format!("redis://:secret@127.0.0.1:{port}/0")),
     ]);
-    server.assert_log("fetch from", Duration::from_secs(10));
+    let host = format!("127.0.0.1:{port}");
+    for what in [
+        "fetch from",
+        "Redis connection failed at",
+        "wake-up listener lost its Redis connection to",
+    ] {
+        server.assert_log(what, Duration::from_secs(10));
+        let log = server.log();
+        assert!(
+            log.lines().any(|l| l.contains(what) && l.contains(&host)),
+            "no line with {what:?} names {host}:\n{log}"
+        );
+    }
+    assert!(!server.log().contains("secret"), "{}", server.log());
+}
+
+#[cfg(feature = "cluster")]
+#[test]
+fn a_cluster_names_its_seed_nodes() {
+    // Two seeds, neither listening: the store's line lists both, without the password.
+    let (a, b) = (free_port(), free_port());
+    let server = Server::start(&[
+        ("LOG_LEVEL", "info"),
+        ("USE_CLUSTER_MODE", "true"),
+        (
+            "REDIS_URL",
+            &format!("redis://:secret@127.0.0.1:{a},redis://:secret@127.0.0.1:{b}"),
+        ),
+    ]);
+    let seeds = format!("127.0.0.1:{a},127.0.0.1:{b}");
+    server.assert_log("Redis connection failed at", Duration::from_secs(10));
     let log = server.log();
     assert!(
         log.lines()
-            .any(|l| l.contains("fetch from") && l.contains(&format!("127.0.0.1:{port}"))),
+            .any(|l| l.contains("Redis connection failed at") && l.contains(&seeds)),
         "{log}"
     );
     assert!(!log.contains("secret"), "{log}");

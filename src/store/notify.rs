@@ -85,7 +85,7 @@ impl Listener {
             let client = Client::open(seed).map_err(|e| {
                 std::io::Error::other(format!("{}: {e}", crate::config::redact_url(seed)))
             })?;
-            clients.push(client);
+            clients.push((client, crate::config::url_hosts(seed)));
         }
         if clients.is_empty() {
             return Err(std::io::Error::other("no Redis node to listen on"));
@@ -148,23 +148,25 @@ fn backoff(failures: u32) -> Duration {
     (BACKOFF_FIRST * (1u32 << doublings)).min(BACKOFF_CAP)
 }
 
-fn run(clients: &[Client], own_id: &str, stop: &AtomicBool, wake: &dyn Fn()) {
+/// Listens until asked to stop, going round `clients` (each with its `host:port` for log lines)
+/// after each failure.
+fn run(clients: &[(Client, String)], own_id: &str, stop: &AtomicBool, wake: &dyn Fn()) {
     // Failed attempts in a row (a subscription shorter than STABLE counts as one).
     let mut failures: u32 = 0;
     let mut next = 0;
     let mut subscribed_before = false;
     let mut refused_before = false;
     loop {
-        let Some(client) = clients.get(next % clients.len()) else {
+        let Some((client, host)) = clients.get(next % clients.len()) else {
             return;
         };
         let mut on_subscribed = || {
             if subscribed_before {
-                info!("listening for wake-ups on {CHANNEL} again");
+                info!("listening for wake-ups on {CHANNEL} again at {host}");
                 // Wake-ups may have been published while this connection was down.
                 wake();
             } else {
-                info!("listening for wake-ups on {CHANNEL}");
+                info!("listening for wake-ups on {CHANNEL} at {host}");
             }
             subscribed_before = true;
             refused_before = false;
@@ -175,9 +177,9 @@ fn run(clients: &[Client], own_id: &str, stop: &AtomicBool, wake: &dyn Fn()) {
                 if !refused_before {
                     refused_before = true;
                     warn!(
-                        "Redis refused the wake-up channel {CHANNEL} ({e}); changes from other \
-                         instances arrive with the periodic fetch only. Allow the channel in the \
-                         ACL (&{CHANNEL} or allchannels, with +publish +subscribe)"
+                        "Redis refused the wake-up channel {CHANNEL} on {host} ({e}); changes from \
+                         other instances arrive with the periodic fetch only. Allow the channel in \
+                         the ACL (&{CHANNEL} or allchannels, with +publish +subscribe)"
                     );
                 }
                 if !pause(NOPERM_RETRY, stop) {
@@ -191,9 +193,11 @@ fn run(clients: &[Client], own_id: &str, stop: &AtomicBool, wake: &dyn Fn()) {
                 failures = failures.saturating_add(1);
                 next += 1;
                 if failures == 1 {
-                    warn!("wake-up listener lost its Redis connection: {e}");
+                    warn!("wake-up listener lost its Redis connection to {host}: {e}");
                 } else {
-                    debug!("wake-up listener still not connected ({failures} failures): {e}");
+                    debug!(
+                        "wake-up listener still not connected to {host} ({failures} failures): {e}"
+                    );
                 }
                 if !pause(backoff(failures), stop) {
                     return;

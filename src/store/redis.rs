@@ -248,7 +248,7 @@ impl RedisStore {
             url: url.to_owned(),
             cluster: !matches!(target, Target::Node(_)),
             changelog_maxlen: changelog_maxlen.max(1),
-            link: Link::new(target),
+            link: Link::new(target, crate::config::url_hosts(url)),
             cursor: None,
             instance_id,
             writes: 0,
@@ -446,6 +446,8 @@ impl Conn {
 /// The connection, its backoff state and its counters.
 struct Link {
     target: Target,
+    /// Where it connects, for log lines: `host:port`, or a cluster's seed list (no secrets).
+    hosts: String,
     conn: Option<Conn>,
     /// Connection-level failures in a row.
     failures: u32,
@@ -457,9 +459,10 @@ struct Link {
 }
 
 impl Link {
-    fn new(target: Target) -> Link {
+    fn new(target: Target, hosts: String) -> Link {
         Link {
             target,
+            hosts,
             conn: None,
             failures: 0,
             retry_at: None,
@@ -492,9 +495,9 @@ impl Link {
                 return Err(self.failed(&e));
             }
             if self.failures > 0 {
-                info!("connected to Redis again");
+                info!("connected to Redis at {} again", self.hosts);
             } else {
-                info!("connected to Redis");
+                info!("connected to Redis at {}", self.hosts);
             }
             self.conn = Some(conn);
         }
@@ -507,11 +510,11 @@ impl Link {
         self.conn = None;
         self.failures = self.failures.saturating_add(1);
         if self.failures == 1 {
-            warn!("Redis connection failed: {err}");
+            warn!("Redis connection failed at {}: {err}", self.hosts);
         } else {
             debug!(
-                "Redis still failing ({} failures in a row): {err}",
-                self.failures
+                "Redis connection still failing at {} ({} failures in a row): {err}",
+                self.hosts, self.failures
             );
         }
         self.retry_at = Some(Instant::now() + backoff(self.failures));
