@@ -114,6 +114,8 @@ pub struct Http {
     pub continued: bool,
     /// When the current request's first bytes were read (ms), for the access log.
     pub started: Option<u64>,
+    /// The path of a queue-change at the store, for the access log (only when it is on).
+    pub log_path: Option<Box<str>>,
     /// A subscription parsed while responses to earlier requests still wait to be written: it
     /// turns the connection into a stream, so it is taken up only once they are out.
     pub held: Option<Box<(Head, Vec<u8>)>>,
@@ -132,6 +134,7 @@ impl Http {
             served: 0,
             continued: false,
             started: None,
+            log_path: None,
             held: None,
         }
     }

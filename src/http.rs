@@ -1,6 +1,8 @@
 //! HTTP/1.x requests: the head (with httparse), the body's framing, routing, and responses.
 //!
-//! Everything here is a pure function of bytes, so it can be tested and fuzzed without sockets.
+//! Everything here is a pure function of bytes (and of whether debug logging is on, which
+//! decides whether a request keeps its path for the access log), so it can be tested and fuzzed
+//! without sockets.
 //! "Not yet" is a value (`Ok(None)`), not an error. The [`Reader`] keeps its place between reads
 //! and bounds what it buffers (head, body, chunk lines, trailers, and a process-wide [`Budget`]);
 //! the caller bounds time.
@@ -21,6 +23,8 @@ pub const MAX_CHUNKED_WIRE: usize = MAX_BODY + 16 * 1024;
 pub const MAX_CHUNK_LINE: usize = 1024;
 /// Largest trailer section of a chunked body accepted; 431 above.
 pub const MAX_TRAILERS: usize = MAX_HEAD;
+/// Longest path the access log shows, in bytes as sent; a longer one is cut and ends in `...`.
+pub const LOG_PATH_MAX: usize = 256;
 
 /// Why a request was refused. Each variant is answered with its status and the connection is
 /// closed after the response, because the rest of the byte stream can no longer be trusted.
@@ -233,6 +237,33 @@ pub struct Head {
     pub cors_request_headers: Option<String>,
     /// Length of the head in bytes, including the blank line.
     pub len: usize,
+    /// The target's path as the access log shows it (see [`log_path`]); kept only when debug
+    /// logging is on, so that no request pays for it otherwise.
+    pub log_path: Option<Box<str>>,
+}
+
+/// How the access log shows a request target: its path without the query string or fragment,
+/// cut at [`LOG_PATH_MAX`] bytes, every byte outside visible ASCII and every `"` or `\`
+/// percent-encoded. The result is one token that cannot end a log line, open a quoted string
+/// or escape out of one, whatever the peer sent.
+pub fn log_path(target: &str) -> Box<str> {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let cut = path.len() > LOG_PATH_MAX;
+    let mut out = String::with_capacity(path.len().min(LOG_PATH_MAX) + 3);
+    for &b in path.as_bytes().iter().take(LOG_PATH_MAX) {
+        if b.is_ascii_graphic() && b != b'"' && b != b'\\' {
+            out.push(char::from(b));
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+    if cut {
+        out.push_str("...");
+    }
+    out.into_boxed_str()
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)`: not complete yet.
@@ -401,6 +432,7 @@ fn parse_head_as_is(buf: &[u8]) -> Result<Option<Head>, HttpError> {
         authorization,
         cors_request_headers,
         len,
+        log_path: (log::max_level() >= log::LevelFilter::Debug).then(|| log_path(target)),
     }))
 }
 
@@ -1224,6 +1256,20 @@ mod tests {
             );
             assert!(r.is_idle());
         }
+    }
+
+    #[test]
+    fn log_paths_are_one_safe_token() {
+        assert_eq!(&*log_path("/nowhere?token=secret#frag"), "/nowhere");
+        assert_eq!(&*log_path("/a\"b\\c"), "/a%22b%5Cc");
+        assert_eq!(&*log_path("/x\r\ny z\u{7f}"), "/x%0D%0Ay%20z%7F");
+        assert_eq!(&*log_path("/\u{e9}"), "/%C3%A9");
+        assert_eq!(&*log_path("http://h/p?q"), "http://h/p");
+        let long = format!("/{}", "a".repeat(1000));
+        let shown = log_path(&long);
+        assert_eq!(shown.len(), LOG_PATH_MAX + 3);
+        assert!(shown.ends_with("...") && shown.starts_with("/aaa"));
+        assert_eq!(&*log_path(""), "");
     }
 
     #[test]

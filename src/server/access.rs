@@ -17,20 +17,6 @@ fn method_name(m: Method) -> &'static str {
     }
 }
 
-/// The path a route was reached by (the target itself is not kept; a 404's is not known).
-fn route_path(route: &Route) -> String {
-    match route {
-        Route::Stream(key) => format!("/sse/environments/{key}/stream"),
-        Route::QueueChange(key) => format!("/sse/environments/{key}/queue-change"),
-        Route::Liveness => "/health/liveness/".to_owned(),
-        Route::Readiness => "/health/readiness/".to_owned(),
-        Route::Metrics => "/metrics".to_owned(),
-        Route::AdminEnvironments => "/admin/environments".to_owned(),
-        Route::Asterisk => "*".to_owned(),
-        Route::NotFound => "(unknown)".to_owned(),
-    }
-}
-
 /// The status code at the start of an HTTP/1.x response.
 fn response_status(out: &[u8]) -> u16 {
     out.get(9..12)
@@ -55,7 +41,7 @@ impl Server {
         self.log_answer(
             token,
             method_name(head.method),
-            &route_path(&head.route),
+            head.log_path.as_deref().unwrap_or("-"),
             response_status(out),
             started,
         );
@@ -81,8 +67,9 @@ impl Server {
         );
     }
 
-    /// Logs a queue-change about to be answered: 200 when stored, else 503. `key` is its
-    /// environment when known (a write answered for taking too long no longer has it).
+    /// Logs a queue-change about to be answered: 200 when stored, else 503, with the path it
+    /// was sent to. `key`, its environment when known, stands in for the path should that not
+    /// have been kept.
     pub(super) fn log_queue_change(&mut self, id: store::WriteId, key: Option<&str>, ok: bool) {
         let now = self.now();
         let Some(&(token, serial)) = self.writes.get(&id) else {
@@ -96,13 +83,15 @@ impl Server {
         }
         let State::Http(h) = &mut c.state else { return };
         let started = h.started.take().unwrap_or(now);
+        let path = h.log_path.take();
         if !log::log_enabled!(Level::Debug) {
             return;
         }
-        let path = format!(
-            "/sse/environments/{}/queue-change",
-            key.unwrap_or("(unknown)")
-        );
+        let path = match (path, key) {
+            (Some(p), _) => p.into_string(),
+            (None, Some(k)) => format!("/sse/environments/{k}/queue-change"),
+            (None, None) => "-".to_owned(),
+        };
         self.log_answer(token, "POST", &path, if ok { 200 } else { 503 }, started);
     }
 

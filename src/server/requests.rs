@@ -251,6 +251,7 @@ impl Server {
                             };
                             if let State::Http(h) = &mut c.state {
                                 h.awaiting_store = true;
+                                h.log_path.clone_from(&head.log_path);
                             }
                             let serial = c.serial;
                             let id = self.track_write(token, serial, now);
