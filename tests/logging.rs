@@ -270,6 +270,7 @@ fn access_log_at_debug_covers_requests_and_streams() {
         has(&[
             "request",
             "method=GET",
+            "path=/nowhere ",
             "status=404",
             "peer=127.0.0.1:",
             "duration_ms="
@@ -306,6 +307,116 @@ fn access_log_at_debug_covers_requests_and_streams() {
     );
     assert!(quiet.wait_log("configuration:", Duration::from_secs(5)));
     assert!(!quiet.log().contains("server::access"), "{}", quiet.log());
+}
+
+/// One GET with a raw target on a fresh connection; its status (None: no answer).
+fn get_raw(addr: SocketAddr, target: &[u8]) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut req = b"GET ".to_vec();
+    req.extend_from_slice(target);
+    req.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(&req).ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+#[test]
+fn access_log_paths_are_as_sent_and_cannot_forge_lines() {
+    for format in ["text", "json"] {
+        let server = Server::start(&[("LOG_LEVEL", "debug"), ("LOG_FORMAT", format)]);
+        // Quotes, a backslash and non-ASCII bytes reach the router (404); the query string
+        // is not logged (it may carry secrets).
+        let hostile: &[u8] = b"/a\"b\\c/caf\xc3\xa9?token=hunter2";
+        assert_eq!(get_raw(server.addr, hostile), Some(404));
+        // A CR, LF or other control byte in the target is refused before routing.
+        for bad in [&b"/x\ry"[..], b"/x\x01y", b"/x\ny"] {
+            let got = get_raw(server.addr, bad);
+            assert!(got == Some(400) || got.is_none(), "{bad:?}: {got:?}");
+        }
+        let long = format!("/{}", "p".repeat(1000));
+        assert_eq!(get_raw(server.addr, long.as_bytes()), Some(404));
+        assert_eq!(get_raw(server.addr, b"/last"), Some(404));
+        let last = if format == "json" {
+            "\"path\":\"/last\""
+        } else {
+            "path=/last "
+        };
+        server.assert_log(last, Duration::from_secs(5));
+        let log = server.log();
+        assert!(!log.contains("hunter2"), "{log}");
+        let shown_long = format!("/{}...", "p".repeat(255));
+        let mut paths = Vec::new();
+        for line in log.lines() {
+            if format == "json" {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if v["module"] == "flagsmith_sse::server::access" && v["message"] == "request" {
+                    paths.push(v["path"].as_str().expect("path").to_owned());
+                }
+            } else {
+                // Every line is a record of its own: it starts with the time.
+                assert!(
+                    line.len() > 24 && line.as_bytes()[4] == b'-' && line.as_bytes()[23] == b'Z',
+                    "a forged or broken line: {line:?}"
+                );
+                if line.contains("[flagsmith_sse::server::access] request ") {
+                    let path = line
+                        .split(" path=")
+                        .nth(1)
+                        .and_then(|r| r.split(' ').next())
+                        .unwrap_or_else(|| panic!("no path: {line}"));
+                    paths.push(path.to_owned());
+                }
+            }
+        }
+        assert_eq!(
+            paths,
+            ["/a%22b%5Cc/caf%C3%A9", shown_long.as_str(), "/last"],
+            "{format}:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_queue_change_answered_503_by_a_stalled_store_logs_its_path() {
+    let redis = Redis::start();
+    let server = Server::start(&[
+        ("LOG_LEVEL", "debug"),
+        ("REDIS_URL", &redis.url()),
+        ("REDIS_NOTIFY", "false"),
+        ("CACHE_UPDATE_INTERVAL_SECONDS", "60"),
+    ]);
+    assert_eq!(
+        queue_change(server.addr, "stall-env", &update_body(1_700_000_001)).status,
+        200
+    );
+    // Redis stops answering: the write times out and is answered 503. The path is the one
+    // sent, without its query string.
+    signal_pid(redis.pid(), "STOP");
+    let body = update_body(1_700_000_002);
+    let raw = format!(
+        "POST /sse/environments/stall-env/queue-change?from=test HTTP/1.1\r\nHost: t\r\n\
+         Authorization: Token {TOKEN}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let status = request(server.addr, raw.as_bytes()).status;
+    signal_pid(redis.pid(), "CONT");
+    assert_eq!(status, 503);
+    let want = "path=/sse/environments/stall-env/queue-change status=503";
+    server.assert_log(want, Duration::from_secs(5));
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("[flagsmith_sse::server::access] request ") && l.contains(want)),
+        "{log}"
+    );
+    assert!(
+        !log.contains("(unknown)") && !log.contains("from=test"),
+        "{log}"
+    );
 }
 
 #[test]
