@@ -256,6 +256,10 @@ fn access_log_at_debug_covers_requests_and_streams() {
         queue_change(server.addr, "env-a", &update_body(1_700_000_001)).status,
         200
     );
+    assert_eq!(
+        queue_change_with(server.addr, "env-a", &update_body(1_700_000_002), None).status,
+        401
+    );
     let mut sub = Subscriber::connect(server.addr, "env-a");
     assert!(sub.next_update(Duration::from_secs(5)).is_some());
     drop(sub);
@@ -282,6 +286,15 @@ fn access_log_at_debug_covers_requests_and_streams() {
             "method=POST",
             "path=/sse/environments/env-a/queue-change",
             "status=200"
+        ]),
+        "{log}"
+    );
+    // Refused without reading the body: the line still says what was refused.
+    assert!(
+        has(&[
+            "method=POST",
+            "path=/sse/environments/env-a/queue-change",
+            "status=401"
         ]),
         "{log}"
     );
@@ -353,7 +366,8 @@ fn access_log_paths_are_as_sent_and_cannot_forge_lines() {
                 let v: serde_json::Value =
                     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
                 if v["module"] == "flagsmith_sse::server::access" && v["message"] == "request" {
-                    paths.push(v["path"].as_str().expect("path").to_owned());
+                    let path = v["path"].as_str().expect("path").to_owned();
+                    paths.push((path, v["status"].as_u64().expect("status")));
                 }
             } else {
                 // Every line is a record of its own: it starts with the time.
@@ -362,17 +376,29 @@ fn access_log_paths_are_as_sent_and_cannot_forge_lines() {
                     "a forged or broken line: {line:?}"
                 );
                 if line.contains("[flagsmith_sse::server::access] request ") {
-                    let path = line
-                        .split(" path=")
-                        .nth(1)
-                        .and_then(|r| r.split(' ').next())
-                        .unwrap_or_else(|| panic!("no path: {line}"));
-                    paths.push(path.to_owned());
+                    let field = |name: &str| {
+                        line.split(&format!(" {name}="))
+                            .nth(1)
+                            .and_then(|r| r.split(' ').next())
+                            .unwrap_or_else(|| panic!("no {name}: {line}"))
+                            .to_owned()
+                    };
+                    let status = field("status").parse().expect("status");
+                    paths.push((field("path"), status));
                 }
             }
         }
+        let refused: Vec<&(String, u64)> = paths.iter().filter(|(_, s)| *s == 400).collect();
+        assert_eq!(refused.len(), 3, "{format}:\n{log}");
+        // Refused before its head was read: no path to show.
+        assert!(refused.iter().all(|(p, _)| p == "-"), "{format}:\n{log}");
+        let found: Vec<&str> = paths
+            .iter()
+            .filter(|(_, s)| *s == 404)
+            .map(|(p, _)| p.as_str())
+            .collect();
         assert_eq!(
-            paths,
+            found,
             ["/a%22b%5Cc/caf%C3%A9", shown_long.as_str(), "/last"],
             "{format}:\n{log}"
         );

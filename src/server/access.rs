@@ -1,7 +1,8 @@
 //! The access log, at debug level (module `flagsmith_sse::server::access`): one line per
-//! answered request, and one when a stream opens and when it closes. Each line carries its
-//! fields (method, path, status, peer, duration; environment and reason for streams), which
-//! `LOG_FORMAT=json` writes as JSON fields. Nothing here runs unless debug logging is on.
+//! answered or refused request, and one when a stream opens and when it closes. Each line
+//! carries its fields (method, path, status, peer, duration; environment and reason for
+//! streams), which `LOG_FORMAT=json` writes as JSON fields. The path is the request's own (see
+//! [`crate::http::log_path`]). Nothing here runs unless debug logging is on.
 
 use super::*;
 use log::Level;
@@ -45,6 +46,24 @@ impl Server {
             response_status(out),
             started,
         );
+    }
+
+    /// Logs a request refused with `response` (the connection closes after it): its method
+    /// and path when its head was read, else `-`.
+    pub(super) fn log_refusal(&self, token: usize, response: &[u8]) {
+        if !log::log_enabled!(Level::Debug) {
+            return;
+        }
+        let Some(State::Http(h)) = self.conns.get(token).map(|c| &c.state) else {
+            return;
+        };
+        let head = h.reader.head.as_ref();
+        let method = head.map_or("-", |head| method_name(head.method));
+        let path = head
+            .and_then(|head| head.log_path.as_deref())
+            .unwrap_or("-");
+        let started = h.started.unwrap_or_else(|| self.now());
+        self.log_answer(token, method, path, response_status(response), started);
     }
 
     /// Logs an answered request given its parts.

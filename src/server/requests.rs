@@ -18,6 +18,7 @@ impl Server {
 
     /// Answers with `response` (after anything already queued) and closes the connection.
     fn refuse(&mut self, token: usize, response: &[u8]) {
+        self.log_refusal(token, response);
         let mut out = Vec::new();
         if let Some(State::Http(h)) = self.conns.get_mut(token).map(|c| &mut c.state) {
             // Anything already queued (an earlier pipelined response) goes first.
