@@ -1162,16 +1162,9 @@ pub fn response(
 /// A JSON `{"detail": "..."}` body.
 pub fn detail_json(detail: &str) -> Vec<u8> {
     let mut s = String::with_capacity(detail.len() + 16);
-    s.push_str("{\"detail\": \"");
-    for c in detail.chars() {
-        match c {
-            '"' => s.push_str("\\\""),
-            '\\' => s.push_str("\\\\"),
-            c if (c as u32) < 0x20 => s.push_str(&format!("\\u{:04x}", c as u32)),
-            c => s.push(c),
-        }
-    }
-    s.push_str("\"}");
+    s.push_str("{\"detail\": ");
+    crate::json::write_string(&mut s, detail);
+    s.push('}');
     s.into_bytes()
 }
 

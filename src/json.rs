@@ -2,10 +2,12 @@
 //!
 //! A small, strict JSON reader: it validates the whole document (RFC 8259), skips fields it does
 //! not know, and refuses anything else with a message that goes back to the caller in a 400.
-//! Nesting is bounded so that a hostile body cannot exhaust the stack.
+//! Nesting is bounded so that a hostile body cannot exhaust the stack. [`write_string`] is the
+//! other direction: the one JSON string writer for what the server writes (error details, log
+//! lines).
 
 use crate::timestamp::{self, Micros};
-use std::fmt;
+use std::fmt::{self, Write};
 
 /// Deepest nesting of arrays and objects accepted inside the body.
 const MAX_DEPTH: usize = 32;
@@ -45,6 +47,26 @@ impl fmt::Display for BodyError {
 }
 
 impl std::error::Error for BodyError {}
+
+/// Appends `v` as a JSON string literal: quotes, backslashes and control characters (DEL too)
+/// escaped, everything else as it is.
+pub fn write_string(out: &mut String, v: &str) {
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
 
 /// Reads the update time from a queue-change body.
 pub fn parse_queue_change(body: &[u8]) -> Result<Micros, BodyError> {

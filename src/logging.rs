@@ -12,6 +12,7 @@
 //! the same way: the first is written at once, the rest of the interval's as one line with a
 //! count.
 
+use crate::{json, timestamp};
 use log::kv::{Key, Value, VisitSource};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::collections::HashMap;
@@ -19,7 +20,7 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Lines that may wait for the writer; beyond them new lines are dropped.
 const QUEUE_LINES: usize = 4096;
@@ -140,7 +141,7 @@ impl Log for Logger {
             _ => None,
         };
         let entry = Entry {
-            time_us: now_micros(),
+            time_us: timestamp::now_micros(),
             level: record.level(),
             target: record.target().to_owned(),
             message,
@@ -300,7 +301,7 @@ impl<W: Write> Writer<W> {
                         REPEAT_INTERVAL.as_secs()
                     ));
                     last.fields.push(("repeated".into(), Field::U64(r.count)));
-                    last.time_us = now_micros();
+                    last.time_us = timestamp::now_micros();
                     due.push(last);
                     // The next interval starts now; it ends without a line if nothing repeats.
                     r.since = now;
@@ -323,7 +324,7 @@ impl<W: Write> Writer<W> {
                     None => "stderr did not keep up".to_owned(),
                 };
                 let entry = Entry {
-                    time_us: now_micros(),
+                    time_us: timestamp::now_micros(),
                     level: Level::Warn,
                     target: module_path!().to_owned(),
                     message: format!(
@@ -378,20 +379,13 @@ fn truncate(s: &mut String, max: usize) {
     s.push_str("...");
 }
 
-fn now_micros() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(_) => 0,
-    }
-}
-
 /// Formats `micros` since the epoch as RFC 3339 UTC with `digits` fractional digits (3 or 6).
 pub fn rfc3339(micros: i64, digits: u32) -> String {
     let secs = micros.div_euclid(1_000_000);
     let frac = micros.rem_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = timestamp::civil_from_days(days);
     let (h, mi, s) = (sod / 3600, sod % 3600 / 60, sod % 60);
     if digits >= 6 {
         format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{frac:06}Z")
@@ -401,20 +395,6 @@ pub fn rfc3339(micros: i64, digits: u32) -> String {
             frac / 1000
         )
     }
-}
-
-/// Year, month, day of a day count since 1970-01-01 (proleptic Gregorian).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// Appends one rendered line (with its newline) to `out`.
@@ -436,7 +416,7 @@ fn render(format: Format, e: &Entry, out: &mut Vec<u8>) {
                 s.push('=');
                 match v {
                     Field::Str(v) if v.is_empty() || v.contains([' ', '"', '=']) => {
-                        json_string(&mut s, v)
+                        json::write_string(&mut s, v)
                     }
                     other => field_text(&mut s, other),
                 }
@@ -456,19 +436,19 @@ fn render(format: Format, e: &Entry, out: &mut Vec<u8>) {
             s.push_str("\",\"level\":\"");
             s.push_str(&e.level.as_str().to_ascii_lowercase());
             s.push_str("\",\"module\":");
-            json_string(&mut s, &e.target);
+            json::write_string(&mut s, &e.target);
             s.push_str(",\"message\":");
-            json_string(&mut s, &e.message);
+            json::write_string(&mut s, &e.message);
             for (k, v) in &e.fields {
                 if matches!(k.as_str(), "time" | "level" | "module" | "message") {
                     continue;
                 }
                 s.push(',');
-                json_string(&mut s, k);
+                json::write_string(&mut s, k);
                 s.push(':');
                 match v {
-                    Field::Str(v) => json_string(&mut s, v),
-                    Field::F64(f) if !f.is_finite() => json_string(&mut s, &f.to_string()),
+                    Field::Str(v) => json::write_string(&mut s, v),
+                    Field::F64(f) if !f.is_finite() => json::write_string(&mut s, &f.to_string()),
                     other => field_text(&mut s, other),
                 }
             }
@@ -487,25 +467,6 @@ fn field_text(s: &mut String, v: &Field) {
         Field::Bool(v) => write!(s, "{v}"),
         Field::Str(v) => write!(s, "{v}"),
     };
-}
-
-/// Appends `v` as a JSON string literal.
-fn json_string(s: &mut String, v: &str) {
-    s.push('"');
-    for c in v.chars() {
-        match c {
-            '"' => s.push_str("\\\""),
-            '\\' => s.push_str("\\\\"),
-            '\n' => s.push_str("\\n"),
-            '\r' => s.push_str("\\r"),
-            '\t' => s.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(s, "\\u{:04x}", c as u32);
-            }
-            c => s.push(c),
-        }
-    }
-    s.push('"');
 }
 
 #[cfg(test)]

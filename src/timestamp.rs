@@ -47,6 +47,20 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The civil date (year, month, day; proleptic Gregorian calendar) of a day count since
+/// 1970-01-01: the inverse of [`days_from_civil`].
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
 fn days_in_month(year: i64, month: i64) -> i64 {
     match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
@@ -375,6 +389,27 @@ pub fn now_micros() -> Micros {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn civil_dates_and_day_counts_are_inverse() {
+        for days in (-800_000..3_000_000)
+            .step_by(997)
+            .chain([-1, 0, 1, 59, 60, 11_016, 2_932_896])
+        {
+            let (y, m, d) = civil_from_days(days);
+            assert!(
+                (1..=12).contains(&m)
+                    && (1..=days_in_month(y, i64::from(m))).contains(&i64::from(d))
+            );
+            assert_eq!(
+                days_from_civil(y, i64::from(m), i64::from(d)),
+                days,
+                "{y}-{m}-{d}"
+            );
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
     use std::cmp::Ordering;
 
     const T: i64 = 1_736_705_202_028_060; // 2025-01-12T18:06:42.028060Z

@@ -56,7 +56,7 @@ impl Json {
                 let _ = write!(s, "{f}");
             }
             Json::Num(_) => s.push_str("null"),
-            Json::Str(t) => string(s, t),
+            Json::Str(t) => flagsmith_sse::json::write_string(s, t),
             Json::Arr(items) => {
                 if items.is_empty() {
                     s.push_str("[]");
@@ -87,7 +87,7 @@ impl Json {
                     }
                     s.push('\n');
                     pad(s, indent + 2);
-                    string(s, k);
+                    flagsmith_sse::json::write_string(s, k);
                     s.push_str(": ");
                     v.write(s, indent + 2);
                 }
@@ -101,24 +101,6 @@ impl Json {
 
 fn pad(s: &mut String, n: usize) {
     s.extend(std::iter::repeat_n(' ', n));
-}
-
-fn string(s: &mut String, t: &str) {
-    s.push('"');
-    for c in t.chars() {
-        match c {
-            '"' => s.push_str("\\\""),
-            '\\' => s.push_str("\\\\"),
-            '\n' => s.push_str("\\n"),
-            '\r' => s.push_str("\\r"),
-            '\t' => s.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(s, "\\u{:04x}", c as u32);
-            }
-            c => s.push(c),
-        }
-    }
-    s.push('"');
 }
 
 impl From<bool> for Json {
