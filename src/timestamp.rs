@@ -389,6 +389,7 @@ pub fn now_micros() -> Micros {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cmp::Ordering;
 
     #[test]
     fn civil_dates_and_day_counts_are_inverse() {
@@ -410,7 +411,6 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
-    use std::cmp::Ordering;
 
     const T: i64 = 1_736_705_202_028_060; // 2025-01-12T18:06:42.028060Z
 
