@@ -138,8 +138,7 @@ impl Route {
         if target == "*" {
             return Route::Asterisk;
         }
-        let path = target.split(['?', '#']).next().unwrap_or("");
-        let path = absolute_form_path(path).unwrap_or(path);
+        let path = target_path(target);
         match path {
             "/health" | "/health/" | "/health/readiness" | "/health/readiness/" => Route::Readiness,
             "/health/liveness" | "/health/liveness/" => Route::Liveness,
@@ -190,6 +189,13 @@ impl Route {
     }
 }
 
+/// The path a route is chosen by: the target without its query string or fragment, and of an
+/// absolute-form target only what follows the authority.
+fn target_path(target: &str) -> &str {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    absolute_form_path(path).unwrap_or(path)
+}
+
 /// The path of an absolute-form target (`http://host/path`): what follows the authority, or
 /// `/` when nothing does. `None` for any other form.
 fn absolute_form_path(target: &str) -> Option<&str> {
@@ -203,8 +209,7 @@ fn absolute_form_path(target: &str) -> Option<&str> {
 /// Whether `target` has the shape of a queue-change (`/sse/environments/.../queue-change`, its
 /// key valid or not): the one place a request body is expected.
 fn queue_change_target(target: &str) -> bool {
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    let path = absolute_form_path(path).unwrap_or(path);
+    let path = target_path(target);
     path.starts_with("/sse/environments/") && path.ends_with("/queue-change")
 }
 
