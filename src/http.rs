@@ -608,11 +608,9 @@ struct HeadScan {
     started: bool,
     /// The method is complete (its space was seen).
     method_done: bool,
-    /// The request line is complete and was checked.
-    line_checked: bool,
     /// The request line is complete and not yet checked.
     line_pending: bool,
-    /// Length of the request line (with its line feed) once it is complete.
+    /// Length of the request line (with its line feed) once it is complete; 0 before.
     line_len: usize,
     at: LineAt,
 }
@@ -641,7 +639,7 @@ impl HeadScan {
                     return Err(HttpError::BadRequest("malformed request line"));
                 }
             }
-            if b == b'\n' && !self.line_checked && !self.line_pending {
+            if b == b'\n' && self.line_len == 0 {
                 self.line_pending = true;
                 self.line_len = self.seen;
             }
@@ -1056,7 +1054,6 @@ impl Reader {
     fn check_line(&mut self, from: usize) -> Result<Option<Parsed>, HttpError> {
         if self.scan.line_pending {
             self.scan.line_pending = false;
-            self.scan.line_checked = true;
             let line = self.buf.bytes.get(from..from + self.scan.line_len);
             let line = line.unwrap_or(&[]);
             self.work += line.len() as u64;
