@@ -117,8 +117,9 @@ pub struct Http {
     /// The path of a queue-change at the store, for the access log (only when it is on).
     pub log_path: Option<Box<str>>,
     /// A subscription parsed while responses to earlier requests still wait to be written: it
-    /// turns the connection into a stream, so it is taken up only once they are out.
-    pub held: Option<Box<(Head, Vec<u8>)>>,
+    /// turns the connection into a stream, so it is taken up only once they are out. (It has
+    /// no body: only a queue-change has one.)
+    pub held: Option<Box<Head>>,
 }
 
 impl Http {

@@ -138,8 +138,7 @@ impl Route {
         if target == "*" {
             return Route::Asterisk;
         }
-        let path = target.split(['?', '#']).next().unwrap_or("");
-        let path = absolute_form_path(path).unwrap_or(path);
+        let path = target_path(target);
         match path {
             "/health" | "/health/" | "/health/readiness" | "/health/readiness/" => Route::Readiness,
             "/health/liveness" | "/health/liveness/" => Route::Liveness,
@@ -190,6 +189,13 @@ impl Route {
     }
 }
 
+/// The path a route is chosen by: the target without its query string or fragment, and of an
+/// absolute-form target only what follows the authority.
+fn target_path(target: &str) -> &str {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    absolute_form_path(path).unwrap_or(path)
+}
+
 /// The path of an absolute-form target (`http://host/path`): what follows the authority, or
 /// `/` when nothing does. `None` for any other form.
 fn absolute_form_path(target: &str) -> Option<&str> {
@@ -203,8 +209,7 @@ fn absolute_form_path(target: &str) -> Option<&str> {
 /// Whether `target` has the shape of a queue-change (`/sse/environments/.../queue-change`, its
 /// key valid or not): the one place a request body is expected.
 fn queue_change_target(target: &str) -> bool {
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    let path = absolute_form_path(path).unwrap_or(path);
+    let path = target_path(target);
     path.starts_with("/sse/environments/") && path.ends_with("/queue-change")
 }
 
@@ -603,11 +608,9 @@ struct HeadScan {
     started: bool,
     /// The method is complete (its space was seen).
     method_done: bool,
-    /// The request line is complete and was checked.
-    line_checked: bool,
     /// The request line is complete and not yet checked.
     line_pending: bool,
-    /// Length of the request line (with its line feed) once it is complete.
+    /// Length of the request line (with its line feed) once it is complete; 0 before.
     line_len: usize,
     at: LineAt,
 }
@@ -636,7 +639,7 @@ impl HeadScan {
                     return Err(HttpError::BadRequest("malformed request line"));
                 }
             }
-            if b == b'\n' && !self.line_checked && !self.line_pending {
+            if b == b'\n' && self.line_len == 0 {
                 self.line_pending = true;
                 self.line_len = self.seen;
             }
@@ -1051,7 +1054,6 @@ impl Reader {
     fn check_line(&mut self, from: usize) -> Result<Option<Parsed>, HttpError> {
         if self.scan.line_pending {
             self.scan.line_pending = false;
-            self.scan.line_checked = true;
             let line = self.buf.bytes.get(from..from + self.scan.line_len);
             let line = line.unwrap_or(&[]);
             self.work += line.len() as u64;

@@ -66,18 +66,9 @@ impl Server {
         self.log_answer(token, method, path, response_status(response), started);
     }
 
-    /// Logs an answered request given its parts.
-    pub(super) fn log_answer(
-        &self,
-        token: usize,
-        method: &str,
-        path: &str,
-        status: u16,
-        started: u64,
-    ) {
-        if !log::log_enabled!(Level::Debug) {
-            return;
-        }
+    /// Logs an answered request given its parts (its callers have checked that debug logging
+    /// is on).
+    fn log_answer(&self, token: usize, method: &str, path: &str, status: u16, started: u64) {
         let peer = self.peer(token);
         let duration_ms = self.now().saturating_sub(started);
         debug!(

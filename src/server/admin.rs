@@ -6,6 +6,7 @@
 //! loop for one scrape, not a full sort.
 
 use super::*;
+use std::io::Write;
 
 /// Most environments listed in one answer; the totals count them all.
 pub(super) const MAX_LISTED: usize = 1_000;
@@ -34,12 +35,11 @@ impl Server {
         }
         with_subs.sort_unstable_by(order);
         let mut out = Vec::with_capacity(96 + with_subs.len() * 80);
-        out.extend_from_slice(
-            format!(
-                "{{\"environments_with_subscribers\": {environments}, \"subscribers\": {subscribers}, \"listed\": {}, \"environments\": [",
-                with_subs.len()
-            )
-            .as_bytes(),
+        // Writing to a Vec cannot fail.
+        let _ = write!(
+            out,
+            "{{\"environments_with_subscribers\": {environments}, \"subscribers\": {subscribers}, \"listed\": {}, \"environments\": [",
+            with_subs.len()
         );
         for (i, (n, env)) in with_subs.iter().enumerate() {
             if i > 0 {
@@ -47,12 +47,10 @@ impl Server {
             }
             // Only a subscription creates a subscriber, and its key was checked against
             // [A-Za-z0-9._-]: nothing to escape.
-            out.extend_from_slice(
-                format!(
-                    "{{\"key\": \"{}\", \"subscribers\": {n}, \"updated_at\": ",
-                    env.key
-                )
-                .as_bytes(),
+            let _ = write!(
+                out,
+                "{{\"key\": \"{}\", \"subscribers\": {n}, \"updated_at\": ",
+                env.key
             );
             match env.time {
                 Some(t) => timestamp::write_epoch_seconds(t, &mut out),

@@ -340,14 +340,16 @@ fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize
     let State::Http(h) = &mut c.state else {
         return Step::Wait;
     };
-    let held = h.held.is_some();
-    if held || h.awaiting_store || h.close_after || h.pending_output() >= MAX_GATHERED_OUTPUT {
+    if h.held.is_some()
+        || h.awaiting_store
+        || h.close_after
+        || h.pending_output() >= MAX_GATHERED_OUTPUT
+    {
         if let Some(step) = flush_step(h, &mut c.sock) {
             return step;
         }
-        if let Some(request) = h.held.take() {
-            let (head, body) = *request;
-            return Step::Request(head, body);
+        if let Some(head) = h.held.take() {
+            return Step::Request(*head, Vec::new());
         }
         if h.awaiting_store {
             return Step::Wait;
@@ -367,7 +369,7 @@ fn http_step(c: &mut Conn, scratch: &mut [u8], input: &mut std::ops::Range<usize
                 && h.has_output()
             {
                 // The responses gathered so far go out before the connection becomes a stream.
-                h.held = Some(Box::new((head, body)));
+                h.held = Some(Box::new(head));
                 return Step::Again;
             }
             return Step::Request(head, body);
