@@ -77,8 +77,6 @@ pub struct Conn {
     pub timer_at: u64,
     /// The socket may have more input than was read (edge-triggered readiness).
     pub readable: bool,
-    /// Bytes received after a subscriber's request (a stream client sends nothing more).
-    pub stray_input: u32,
     /// Where the connection is in its life.
     pub state: State,
 }
@@ -274,6 +272,8 @@ pub struct Stream {
     stall_mark: Option<(u64, u64)>,
     /// When the stream opened (ms), for the access log.
     opened: u64,
+    /// Bytes received after the request (a stream client sends nothing more).
+    stray_input: u32,
 }
 
 impl Stream {
@@ -294,12 +294,21 @@ impl Stream {
             written: 0,
             stall_mark: None,
             opened: now,
+            stray_input: 0,
         }
     }
 
     /// When the stream opened (ms).
     pub fn opened(&self) -> u64 {
         self.opened
+    }
+
+    /// Counts `n` bytes the client sent after its request; returns how many it sent in all.
+    pub fn stray_input(&mut self, n: usize) -> u32 {
+        self.stray_input = self
+            .stray_input
+            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        self.stray_input
     }
 
     /// The environment this stream is subscribed to.
