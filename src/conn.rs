@@ -328,11 +328,11 @@ impl Stream {
 
     /// Whether this stream still takes `time`: it is newer than anything it was sent and the
     /// stream is not ending.
-    pub fn wants(&self, time: Micros) -> bool {
+    fn wants(&self, time: Micros) -> bool {
         time > self.last_sent && !self.ending
     }
 
-    /// Queues `event` if the stream [`wants`](Self::wants) its time; true if it was queued.
+    /// Queues `event` if the stream still takes its time (see `wants`); true if it was queued.
     pub fn offer(&mut self, event: &Event) -> bool {
         if !self.wants(event.time) {
             return false;
@@ -359,7 +359,7 @@ impl Stream {
     }
 
     /// Bytes queued in user space.
-    pub fn pending_bytes(&self) -> usize {
+    fn pending_bytes(&self) -> usize {
         let cur = self
             .out
             .as_ref()
@@ -392,7 +392,7 @@ impl Stream {
 
     /// The stream's next deadline (ms): its keep-alive (only when nothing is queued: queued
     /// output waits for the socket), its age limit (until its end is queued), its stall check.
-    pub fn deadline(&self, serial: u64, keepalive: u64) -> u64 {
+    fn deadline(&self, serial: u64, keepalive: u64) -> u64 {
         let mut at = if self.out.is_none() {
             ping_due(self.last_write, serial, keepalive)
         } else {
@@ -605,22 +605,27 @@ mod tests {
         );
     }
 
+    /// Offers and writes events at time 100 until the socket blocks (the peer reads nothing)
+    /// and one event waits in user space; returns the last event's time and the wake-up time.
+    fn fill(s: &mut Stream, sock: &mut TcpStream) -> (Micros, u64) {
+        let mut t = 0;
+        loop {
+            t += 1;
+            assert!(t < 1_000_000, "the socket never blocked");
+            assert!(s.offer(&Event::new(t)));
+            match s.write(sock, 100, 7, KEEPALIVE) {
+                Next::WakeAt(at) if s.pending_bytes() > 0 => return (t, at),
+                Next::WakeAt(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn a_reader_that_takes_nothing_is_found_stalled_one_interval_after_the_first_block() {
         let (mut sock, _peer) = pair();
         let mut s = Stream::new(0, 0, true, 0, u64::MAX);
-        // Fill the kernel's buffers (the peer reads nothing), then one more event waits.
-        let mut t = 0;
-        let blocked_at = loop {
-            t += 1;
-            assert!(t < 1_000_000, "the socket never blocked");
-            assert!(s.offer(&Event::new(t)));
-            match s.write(&mut sock, 100, 7, KEEPALIVE) {
-                Next::WakeAt(at) if s.pending_bytes() > 0 => break at,
-                Next::WakeAt(_) => {}
-                other => panic!("{other:?}"),
-            }
-        };
+        let (t, blocked_at) = fill(&mut s, &mut sock);
         assert_eq!(
             blocked_at,
             100 + KEEPALIVE,
@@ -640,16 +645,7 @@ mod tests {
         // Had the peer read meanwhile, the mark moves on instead.
         let mut s2 = Stream::new(0, 0, true, 0, u64::MAX);
         let (mut sock2, mut peer2) = pair();
-        let mut t2 = 0;
-        loop {
-            t2 += 1;
-            assert!(s2.offer(&Event::new(t2)));
-            if let Next::WakeAt(_) = s2.write(&mut sock2, 100, 7, KEEPALIVE)
-                && s2.pending_bytes() > 0
-            {
-                break;
-            }
-        }
+        fill(&mut s2, &mut sock2);
         let mut buf = vec![0u8; 1 << 16];
         peer2
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
