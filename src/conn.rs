@@ -77,8 +77,6 @@ pub struct Conn {
     pub timer_at: u64,
     /// The socket may have more input than was read (edge-triggered readiness).
     pub readable: bool,
-    /// Bytes received after a subscriber's request (a stream client sends nothing more).
-    pub stray_input: u32,
     /// Where the connection is in its life.
     pub state: State,
 }
@@ -275,6 +273,8 @@ pub struct Stream {
     stall_mark: Option<(u64, u64)>,
     /// When the stream opened (ms), for the access log.
     opened: u64,
+    /// Bytes received after the request (a stream client sends nothing more).
+    stray_input: u32,
 }
 
 impl Stream {
@@ -295,12 +295,21 @@ impl Stream {
             written: 0,
             stall_mark: None,
             opened: now,
+            stray_input: 0,
         }
     }
 
     /// When the stream opened (ms).
     pub fn opened(&self) -> u64 {
         self.opened
+    }
+
+    /// Counts `n` bytes the client sent after its request; returns how many it sent in all.
+    pub fn stray_input(&mut self, n: usize) -> u32 {
+        self.stray_input = self
+            .stray_input
+            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        self.stray_input
     }
 
     /// The environment this stream is subscribed to.
@@ -320,11 +329,11 @@ impl Stream {
 
     /// Whether this stream still takes `time`: it is newer than anything it was sent and the
     /// stream is not ending.
-    pub fn wants(&self, time: Micros) -> bool {
+    fn wants(&self, time: Micros) -> bool {
         time > self.last_sent && !self.ending
     }
 
-    /// Queues `event` if the stream [`wants`](Self::wants) its time; true if it was queued.
+    /// Queues `event` if the stream still takes its time (see `wants`); true if it was queued.
     pub fn offer(&mut self, event: &Event) -> bool {
         if !self.wants(event.time) {
             return false;
@@ -351,7 +360,7 @@ impl Stream {
     }
 
     /// Bytes queued in user space.
-    pub fn pending_bytes(&self) -> usize {
+    fn pending_bytes(&self) -> usize {
         let cur = self
             .out
             .as_ref()
@@ -384,7 +393,7 @@ impl Stream {
 
     /// The stream's next deadline (ms): its keep-alive (only when nothing is queued: queued
     /// output waits for the socket), its age limit (until its end is queued), its stall check.
-    pub fn deadline(&self, serial: u64, keepalive: u64) -> u64 {
+    fn deadline(&self, serial: u64, keepalive: u64) -> u64 {
         let mut at = if self.out.is_none() {
             ping_due(self.last_write, serial, keepalive)
         } else {
@@ -597,22 +606,27 @@ mod tests {
         );
     }
 
+    /// Offers and writes events at time 100 until the socket blocks (the peer reads nothing)
+    /// and one event waits in user space; returns the last event's time and the wake-up time.
+    fn fill(s: &mut Stream, sock: &mut TcpStream) -> (Micros, u64) {
+        let mut t = 0;
+        loop {
+            t += 1;
+            assert!(t < 1_000_000, "the socket never blocked");
+            assert!(s.offer(&Event::new(t)));
+            match s.write(sock, 100, 7, KEEPALIVE) {
+                Next::WakeAt(at) if s.pending_bytes() > 0 => return (t, at),
+                Next::WakeAt(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn a_reader_that_takes_nothing_is_found_stalled_one_interval_after_the_first_block() {
         let (mut sock, _peer) = pair();
         let mut s = Stream::new(0, 0, true, 0, u64::MAX);
-        // Fill the kernel's buffers (the peer reads nothing), then one more event waits.
-        let mut t = 0;
-        let blocked_at = loop {
-            t += 1;
-            assert!(t < 1_000_000, "the socket never blocked");
-            assert!(s.offer(&Event::new(t)));
-            match s.write(&mut sock, 100, 7, KEEPALIVE) {
-                Next::WakeAt(at) if s.pending_bytes() > 0 => break at,
-                Next::WakeAt(_) => {}
-                other => panic!("{other:?}"),
-            }
-        };
+        let (t, blocked_at) = fill(&mut s, &mut sock);
         assert_eq!(
             blocked_at,
             100 + KEEPALIVE,
@@ -632,16 +646,7 @@ mod tests {
         // Had the peer read meanwhile, the mark moves on instead.
         let mut s2 = Stream::new(0, 0, true, 0, u64::MAX);
         let (mut sock2, mut peer2) = pair();
-        let mut t2 = 0;
-        loop {
-            t2 += 1;
-            assert!(s2.offer(&Event::new(t2)));
-            if let Next::WakeAt(_) = s2.write(&mut sock2, 100, 7, KEEPALIVE)
-                && s2.pending_bytes() > 0
-            {
-                break;
-            }
-        }
+        fill(&mut s2, &mut sock2);
         let mut buf = vec![0u8; 1 << 16];
         peer2
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))

@@ -133,9 +133,9 @@ pub struct Metrics {
     pub events_sent_total: u64,
     /// Keep-alive comments written since start.
     pub pings_sent_total: u64,
-    queue_changes: [u64; 5],
+    queue_changes: [u64; QueueResult::ALL.len()],
     rejected: [u64; Rejection::ALL.len()],
-    fetches: [u64; 3],
+    fetches: [u64; FetchTrigger::ALL.len()],
     fanout_counts: [u64; FANOUT_BUCKETS.len()],
     fanout_count: u64,
     fanout_sum: f64,
@@ -188,9 +188,6 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, g: &Gauges) -> String {
         let mut s = String::with_capacity(4096);
-        let single = |s: &mut String, name: &str, kind: &str, help: &str, value: String| {
-            family(s, name, kind, help, [(String::new(), value)]);
-        };
         single(
             &mut s,
             "flagsmith_sse_subscribers_active",
@@ -254,41 +251,26 @@ impl Metrics {
             "1 if the store answered its last fetch.",
             u8::from(g.store_ready).to_string(),
         );
-        family(
+        counters(
             &mut s,
             "flagsmith_sse_queue_changes_total",
-            "counter",
             "Queue-change requests by result.",
-            QueueResult::ALL.map(|r| {
-                (
-                    format!("{{result=\"{}\"}}", r.label()),
-                    self.queue_changes[r as usize].to_string(),
-                )
-            }),
+            "result",
+            QueueResult::ALL.map(|r| (r.label(), self.queue_changes[r as usize])),
         );
-        family(
+        counters(
             &mut s,
             "flagsmith_sse_connections_rejected_total",
-            "counter",
             "Connections and subscriptions refused, by reason.",
-            Rejection::ALL.map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.label()),
-                    self.rejected[r as usize].to_string(),
-                )
-            }),
+            "reason",
+            Rejection::ALL.map(|r| (r.label(), self.rejected[r as usize])),
         );
-        family(
+        counters(
             &mut s,
             "flagsmith_sse_fetches_total",
-            "counter",
             "Fetches from the store started by the interval or by a wake-up; snapshot: those (of either) that loaded a full snapshot.",
-            FetchTrigger::ALL.map(|t| {
-                (
-                    format!("{{trigger=\"{}\"}}", t.label()),
-                    self.fetches[t as usize].to_string(),
-                )
-            }),
+            "trigger",
+            FetchTrigger::ALL.map(|t| (t.label(), self.fetches[t as usize])),
         );
         let by_command = |f: fn(&CommandStats) -> u64| {
             self.store_commands
@@ -337,9 +319,6 @@ impl Metrics {
 
 /// Writes the standard process series, each only when the kernel tells its value.
 fn process(s: &mut String) {
-    let single = |s: &mut String, name: &str, kind: &str, help: &str, value: String| {
-        family(s, name, kind, help, [(String::new(), value)]);
-    };
     if let Some(cpu) = cpu_seconds() {
         single(
             s,
@@ -439,6 +418,25 @@ fn start_time_seconds() -> Option<f64> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
     Some(btime as f64 + ticks as f64 / hz as f64)
+}
+
+/// Writes a metric family of one sample without labels.
+fn single(s: &mut String, name: &str, kind: &str, help: &str, value: String) {
+    family(s, name, kind, help, [(String::new(), value)]);
+}
+
+/// Writes a counter family with one label, `label`: one sample per (label value, count).
+fn counters(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'static str, u64)>,
+) {
+    let samples = samples
+        .into_iter()
+        .map(|(v, n)| (format!("{{{label}=\"{v}\"}}"), n.to_string()));
+    family(s, name, "counter", help, samples);
 }
 
 /// Writes one metric family: its HELP and TYPE lines, then one sample per (labels, value).

@@ -194,29 +194,11 @@ pub fn unblock_termination_signals() {
     set_termination_mask(libc::SIG_UNBLOCK);
 }
 
-/// Whether SIGTERM or SIGINT is blocked in the calling thread.
-pub fn termination_signals_blocked() -> bool {
-    // SAFETY: sigemptyset initialises the set that pthread_sigmask fills in.
-    unsafe {
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut old);
-        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut old);
-        TERMINATION
-            .iter()
-            .any(|&sig| libc::sigismember(&old, sig) == 1)
-    }
-}
-
 /// Ignores SIGPIPE, so that writing to a closed pipe or socket is an EPIPE error to handle, not
 /// the end of the process. (Rust's runtime does this too; a library user's may not.)
 pub fn ignore_sigpipe() {
     // SAFETY: SIG_IGN is a valid disposition for SIGPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-}
-
-/// How many times SIGTERM or SIGINT arrived since start.
-pub fn signals_received() -> usize {
-    SIGNALS.load(Ordering::SeqCst)
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -283,6 +265,19 @@ impl Drop for SignalFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether SIGTERM or SIGINT is blocked in the calling thread.
+    fn termination_signals_blocked() -> bool {
+        // SAFETY: sigemptyset initialises the set that pthread_sigmask fills in.
+        unsafe {
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut old);
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut old);
+            TERMINATION
+                .iter()
+                .any(|&sig| libc::sigismember(&old, sig) == 1)
+        }
+    }
 
     fn disposition(sig: libc::c_int) -> usize {
         // SAFETY: a null new action only reads the current one into `old`.

@@ -98,7 +98,6 @@ impl Server {
             serial,
             timer_at: u64::MAX,
             readable: true,
-            stray_input: 0,
             state: State::Http(Box::new(Http::new(deadline, &self.budget))),
         });
         self.schedule(token, deadline);

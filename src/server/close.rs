@@ -51,18 +51,12 @@ impl Server {
     /// Turns the connection into a closing one that writes `out`, then hangs up gracefully.
     pub(super) fn linger(&mut self, token: usize, out: Vec<u8>) {
         let deadline = self.now() + LINGER_MS;
-        let Some(c) = self.conns.get_mut(token) else {
-            return;
+        let reason = if self.shutdown_at.is_some() {
+            "shutdown"
+        } else {
+            "ended"
         };
-        if let State::Stream(_) = c.state {
-            let reason = if self.shutdown_at.is_some() {
-                "shutdown"
-            } else {
-                "ended"
-            };
-            self.log_stream_closed(token, reason);
-            self.unsubscribe(token);
-        }
+        self.leave_stream(token, reason);
         let Some(c) = self.conns.get_mut(token) else {
             return;
         };
@@ -93,17 +87,21 @@ impl Server {
 
     /// Removes connection `token`: the one place a connection ends.
     pub(super) fn close(&mut self, token: usize, why: Why) {
-        if let Some(State::Stream(_)) = self.conns.get(token).map(|c| &c.state) {
-            self.log_stream_closed(token, access::why_name(why));
-            self.unsubscribe(token);
-        }
+        self.leave_stream(token, access::why_name(why));
         if let Some(c) = self.conns.remove(token) {
             debug!("closing connection {token}: {why:?}");
             drop(c);
-            if self.accept_retry_at > self.now() {
-                // A descriptor came free: try the listener again now.
-                self.accept_retry_at = 0;
-            }
+            // A descriptor came free: if accepting was paused for lack of them, try again now.
+            self.accept_retry_at = 0;
+        }
+    }
+
+    /// If connection `token` is a stream: writes its access-log line with `reason` and takes it
+    /// off its environment's subscriber list.
+    fn leave_stream(&mut self, token: usize, reason: &str) {
+        if let Some(State::Stream(_)) = self.conns.get(token).map(|c| &c.state) {
+            self.log_stream_closed(token, reason);
+            self.unsubscribe(token);
         }
     }
 }

@@ -378,6 +378,8 @@ impl Server {
             }
             self.turn_ends = Instant::now() + TURN_BUDGET;
             let mut driven = 0;
+            // The budget, once spent, stays spent: the events after that do not read the clock.
+            let mut over = false;
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.listener_ready = true,
@@ -393,7 +395,7 @@ impl Server {
                         self.begin_shutdown();
                     }
                     Token(t) => {
-                        let over = driven >= MIN_ITEMS_PER_PART && self.turn_over();
+                        over = over || (driven >= MIN_ITEMS_PER_PART && self.turn_over());
                         if let Some(c) = self.conns.get_mut(t) {
                             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                                 c.readable = true;

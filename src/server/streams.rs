@@ -364,19 +364,14 @@ impl Server {
     /// Counts `n` bytes a subscriber sent after its request; past [`MAX_STREAM_INPUT`] the
     /// stream is closed (and false returned).
     pub(super) fn stray_input(&mut self, token: usize, n: usize) -> bool {
-        let Some(c) = self.conns.get_mut(token) else {
+        let Some(State::Stream(s)) = self.conns.get_mut(token).map(|c| &mut c.state) else {
             return false;
         };
-        c.stray_input = c
-            .stray_input
-            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
-        if c.stray_input as usize <= MAX_STREAM_INPUT {
+        let sent = s.stray_input(n);
+        if sent as usize <= MAX_STREAM_INPUT {
             return true;
         }
-        debug!(
-            "closing a stream whose client sent {} bytes after its request",
-            c.stray_input
-        );
+        debug!("closing a stream whose client sent {sent} bytes after its request");
         self.metrics.reject(Rejection::StreamInput);
         self.close(token, Why::Peer);
         false
