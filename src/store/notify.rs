@@ -95,7 +95,8 @@ impl Listener {
         thread::Builder::new()
             .name("notify".into())
             .spawn(move || {
-                block_signals();
+                // SIGTERM and SIGINT are the event loop's: they must not land here.
+                crate::sys::block_termination_signals();
                 run(&clients, &own_id, &stopped, &wake);
             })?;
         Ok(Listener { stop })
@@ -105,20 +106,6 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// SIGTERM and SIGINT belong to the event loop's handler: block them in this thread, so that
-/// a signal never lands here.
-fn block_signals() {
-    // SAFETY: the set is initialised by sigemptyset before use; pthread_sigmask only changes
-    // this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
