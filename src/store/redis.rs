@@ -239,11 +239,7 @@ impl RedisStore {
     }
 
     fn with_target(url: &str, target: Target, changelog_maxlen: u64) -> RedisStore {
-        let instance_id = format!(
-            "{:x}-{:x}",
-            crate::timestamp::now_micros(),
-            std::process::id()
-        );
+        let instance_id = super::notify::instance_id();
         RedisStore {
             url: url.to_owned(),
             cluster: !matches!(target, Target::Node(_)),
