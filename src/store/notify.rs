@@ -15,7 +15,7 @@
 //! tried again only every [`NOPERM_RETRY`], silently. While idle, the connection is checked with
 //! a `PING` every [`HEARTBEAT`], so that a hung node is noticed and left.
 
-use super::redis::{BACKOFF_CAP, BACKOFF_FIRST, CONNECT_TIMEOUT, IO_TIMEOUT};
+use super::redis::{CONNECT_TIMEOUT, IO_TIMEOUT};
 use ::redis::{Client, RedisError, RedisResult, Value};
 use log::{debug, info, warn};
 use std::sync::Arc;
@@ -125,14 +125,10 @@ fn pause(d: Duration, stop: &AtomicBool) -> bool {
 }
 
 /// The wait before the next attempt after `failures` failures in a row: none after the first
-/// (a connection that dropped is replaced at once), then [`BACKOFF_FIRST`] doubling up to
-/// [`BACKOFF_CAP`].
+/// (a connection that dropped is replaced at once), then the store's backoff
+/// ([`super::redis::BACKOFF_FIRST`] doubling up to [`super::redis::BACKOFF_CAP`]).
 fn backoff(failures: u32) -> Duration {
-    if failures <= 1 {
-        return Duration::ZERO;
-    }
-    let doublings = (failures - 2).min(16);
-    (BACKOFF_FIRST * (1u32 << doublings)).min(BACKOFF_CAP)
+    super::redis::backoff(failures.saturating_sub(1))
 }
 
 /// Listens until asked to stop, going round `clients` (each with its `host:port` for log lines)
@@ -270,6 +266,7 @@ fn is_noperm(e: &RedisError) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::redis::BACKOFF_CAP;
     use super::*;
 
     #[test]

@@ -674,7 +674,7 @@ fn write_batch(
 
 /// The wait before the next attempt after `failures` failures in a row: [`BACKOFF_FIRST`],
 /// doubling up to [`BACKOFF_CAP`].
-fn backoff(failures: u32) -> Duration {
+pub(super) fn backoff(failures: u32) -> Duration {
     if failures == 0 {
         return Duration::ZERO;
     }
