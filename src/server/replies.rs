@@ -59,19 +59,16 @@ impl Server {
         let mut answered = 0;
         while let Some((id, change, result)) = self.acknowledged.pop_front() {
             self.log_queue_change(id, Some(&change.key), result.is_ok());
-            let out = match result {
-                Ok(stored) => {
-                    stored_times.push(Change {
-                        key: change.key,
-                        time: stored,
-                    });
-                    let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
-                    timestamp::write_epoch_seconds(stored, &mut body);
-                    body.push(b'}');
-                    Ok(body)
-                }
-                Err(e) => Err(e),
-            };
+            let out = result.map(|stored| {
+                stored_times.push(Change {
+                    key: change.key,
+                    time: stored,
+                });
+                let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
+                timestamp::write_epoch_seconds(stored, &mut body);
+                body.push(b'}');
+                body
+            });
             // A write answered 503 already (it took too long) is not answered again; its
             // stored time still goes to subscribers.
             if !self.finish_write(id, out, now) {
