@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use flagsmith_sse::timestamp::parse_epoch_seconds;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -31,23 +31,6 @@ fn instance(redis: &Redis, extra: &[(&str, &str)]) -> Server {
     let mut env = vec![("REDIS_URL", url.as_str())];
     env.extend_from_slice(extra);
     Server::start(&env)
-}
-
-fn readiness(addr: SocketAddr) -> u16 {
-    request(
-        addr,
-        b"GET /health/readiness/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    )
-    .status
-}
-
-#[track_caller]
-fn wait_ready(server: &Server) {
-    assert!(
-        readiness_within(server.addr, 200, Duration::from_secs(10)),
-        "instance not ready; log:\n{}",
-        server.log()
-    );
 }
 
 /// Every update until none comes for `quiet`.

@@ -58,24 +58,23 @@ impl Server {
         let mut stored_times = Vec::new();
         let mut answered = 0;
         while let Some((id, change, result)) = self.acknowledged.pop_front() {
-            self.log_queue_change(id, Some(&change.key), result.is_ok());
-            let out = match result {
-                Ok(stored) => {
-                    stored_times.push(Change {
-                        key: change.key,
-                        time: stored,
-                    });
-                    let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
-                    timestamp::write_epoch_seconds(stored, &mut body);
-                    body.push(b'}');
-                    Ok(body)
-                }
-                Err(e) => Err(e),
-            };
+            let stored = result.as_ref().ok().copied();
+            let out = result.map(|stored| {
+                let mut body = b"{\"status\": \"ok\", \"updated_at\": ".to_vec();
+                timestamp::write_epoch_seconds(stored, &mut body);
+                body.push(b'}');
+                body
+            });
             // A write answered 503 already (it took too long) is not answered again; its
             // stored time still goes to subscribers.
-            if !self.finish_write(id, out, now) {
+            if !self.finish_write(id, Some(&change.key), out, now) {
                 debug!("a late store reply arrived for a queue-change answered 503");
+            }
+            if let Some(time) = stored {
+                stored_times.push(Change {
+                    key: change.key,
+                    time,
+                });
             }
             answered += 1;
             if answered >= MIN_ITEMS_PER_PART && self.turn_over() {
@@ -113,8 +112,7 @@ impl Server {
                 break;
             }
             self.write_deadlines.pop_front();
-            self.log_queue_change(id, None, false);
-            self.finish_write(id, Err(StoreError::Stalled), now);
+            self.finish_write(id, None, Err(StoreError::Stalled), now);
         }
     }
 
@@ -137,20 +135,21 @@ impl Server {
             } else {
                 StoreError::Stopped
             };
-            self.log_queue_change(id, None, false);
-            self.finish_write(id, Err(err), now);
+            self.finish_write(id, None, Err(err), now);
         }
     }
 
-    /// Answers the queue-change that write `id` belongs to, if it is still waiting: counts the
-    /// result and writes the response (if the client is still there). False when the write
-    /// was answered already.
+    /// Answers the queue-change that write `id` (for environment `key`, when known) belongs
+    /// to, if it is still waiting: logs and counts the result and writes the response (if the
+    /// client is still there). False when the write was answered already.
     pub(super) fn finish_write(
         &mut self,
         id: store::WriteId,
+        key: Option<&str>,
         out: Result<Vec<u8>, StoreError>,
         now: u64,
     ) -> bool {
+        self.log_queue_change(id, key, out.is_ok());
         let Some((token, serial)) = self.writes.remove(&id) else {
             return false;
         };

@@ -15,7 +15,7 @@
 //! tried again only every [`NOPERM_RETRY`], silently. While idle, the connection is checked with
 //! a `PING` every [`HEARTBEAT`], so that a hung node is noticed and left.
 
-use super::redis::{BACKOFF_CAP, BACKOFF_FIRST, CONNECT_TIMEOUT, IO_TIMEOUT};
+use super::redis::{CONNECT_TIMEOUT, IO_TIMEOUT};
 use ::redis::{Client, RedisError, RedisResult, Value};
 use log::{debug, info, warn};
 use std::sync::Arc;
@@ -95,7 +95,8 @@ impl Listener {
         thread::Builder::new()
             .name("notify".into())
             .spawn(move || {
-                block_signals();
+                // SIGTERM and SIGINT are the event loop's: they must not land here.
+                crate::sys::block_termination_signals();
                 run(&clients, &own_id, &stopped, &wake);
             })?;
         Ok(Listener { stop })
@@ -105,20 +106,6 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// SIGTERM and SIGINT belong to the event loop's handler: block them in this thread, so that
-/// a signal never lands here.
-fn block_signals() {
-    // SAFETY: the set is initialised by sigemptyset before use; pthread_sigmask only changes
-    // this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
@@ -138,14 +125,10 @@ fn pause(d: Duration, stop: &AtomicBool) -> bool {
 }
 
 /// The wait before the next attempt after `failures` failures in a row: none after the first
-/// (a connection that dropped is replaced at once), then [`BACKOFF_FIRST`] doubling up to
-/// [`BACKOFF_CAP`].
+/// (a connection that dropped is replaced at once), then the store's backoff
+/// ([`super::redis::BACKOFF_FIRST`] doubling up to [`super::redis::BACKOFF_CAP`]).
 fn backoff(failures: u32) -> Duration {
-    if failures <= 1 {
-        return Duration::ZERO;
-    }
-    let doublings = (failures - 2).min(16);
-    (BACKOFF_FIRST * (1u32 << doublings)).min(BACKOFF_CAP)
+    super::redis::backoff(failures.saturating_sub(1))
 }
 
 /// Listens until asked to stop, going round `clients` (each with its `host:port` for log lines)
@@ -283,6 +266,7 @@ fn is_noperm(e: &RedisError) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::redis::BACKOFF_CAP;
     use super::*;
 
     #[test]

@@ -239,11 +239,7 @@ impl RedisStore {
     }
 
     fn with_target(url: &str, target: Target, changelog_maxlen: u64) -> RedisStore {
-        let instance_id = format!(
-            "{:x}-{:x}",
-            crate::timestamp::now_micros(),
-            std::process::id()
-        );
+        let instance_id = super::notify::instance_id();
         RedisStore {
             url: url.to_owned(),
             cluster: !matches!(target, Target::Node(_)),
@@ -627,12 +623,6 @@ impl From<&RedisError> for StoreError {
     }
 }
 
-impl From<RedisError> for StoreError {
-    fn from(e: RedisError) -> StoreError {
-        StoreError::from(&e)
-    }
-}
-
 /// Runs the write script (loading it again if Redis lost it), then, with `wait` above zero,
 /// Redis `WAIT`. Returns the script's reply and how many replicas acknowledged.
 fn write_batch(
@@ -678,7 +668,7 @@ fn write_batch(
 
 /// The wait before the next attempt after `failures` failures in a row: [`BACKOFF_FIRST`],
 /// doubling up to [`BACKOFF_CAP`].
-fn backoff(failures: u32) -> Duration {
+pub(super) fn backoff(failures: u32) -> Duration {
     if failures == 0 {
         return Duration::ZERO;
     }
@@ -1234,7 +1224,7 @@ mod tests {
     fn failures_are_sorted_by_what_to_do_about_them() {
         use ::redis::ServerErrorKind as S;
         use std::io;
-        let server = |k| StoreError::from(RedisError::from((ErrorKind::Server(k), "x")));
+        let server = |k| StoreError::from(&RedisError::from((ErrorKind::Server(k), "x")));
         for k in [
             S::ReadOnly,
             S::MasterDown,
@@ -1252,7 +1242,7 @@ mod tests {
         }
         assert!(matches!(server(S::ResponseError), StoreError::Script(_)));
         let extension =
-            |code: &str| StoreError::from(::redis::make_extension_error(code.to_owned(), None));
+            |code: &str| StoreError::from(&::redis::make_extension_error(code.to_owned(), None));
         assert!(matches!(
             extension("NOREPLICAS"),
             StoreError::NotWritable(_)
@@ -1260,7 +1250,7 @@ mod tests {
         assert!(matches!(extension("BUSY"), StoreError::NotWritable(_)));
         assert!(matches!(extension("WHATEVER"), StoreError::Script(_)));
         assert!(matches!(server(S::NoPerm), StoreError::Script(_)));
-        let io_err = |k| StoreError::from(RedisError::from(io::Error::new(k, "x")));
+        let io_err = |k| StoreError::from(&RedisError::from(io::Error::new(k, "x")));
         assert!(matches!(
             io_err(io::ErrorKind::TimedOut),
             StoreError::Timeout(_)
@@ -1274,7 +1264,7 @@ mod tests {
             StoreError::Unreachable(_)
         ));
         assert!(matches!(
-            StoreError::from(unexpected("odd")),
+            StoreError::from(&unexpected("odd")),
             StoreError::Unexpected(_)
         ));
     }
