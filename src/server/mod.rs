@@ -129,6 +129,8 @@ enum Why {
 /// The server: bind with [`Server::new`], then [`Server::run`].
 pub struct Server {
     cfg: Arc<Config>,
+    /// The store's host(s) for log lines (`StoreConfig::hosts`), worked out once.
+    store_hosts: Box<str>,
     poll: Poll,
     listener: Option<TcpListener>,
     /// The listener may have connections waiting (edge-triggered: remembered, not re-reported).
@@ -294,6 +296,7 @@ impl Server {
         let store_ready = cfg.store == StoreConfig::Embedded;
         let budget = http::Budget::new(cfg.max_buffered_request_bytes);
         Ok(Server {
+            store_hosts: cfg.store.hosts().into(),
             cfg: Arc::new(cfg),
             poll,
             listener: Some(listener),

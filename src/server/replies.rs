@@ -35,7 +35,7 @@ impl Server {
                         self.wakeup_retry_at = now + WAKEUP_RETRY_MS;
                     }
                     if self.store_ready || self.last_fetch_ok == 0 {
-                        warn!("fetch from {} failed: {e}", self.cfg.store.hosts());
+                        warn!("fetch from {} failed: {e}", self.store_hosts);
                     }
                     self.store_ready = false;
                 }
@@ -157,7 +157,7 @@ impl Server {
             Ok(_) => self.metrics.queue_change(QueueResult::Ok),
             Err(e) => {
                 self.metrics.queue_change(QueueResult::Unavailable);
-                warn!("queue-change not stored in {}: {e}", self.cfg.store.hosts());
+                warn!("queue-change not stored in {}: {e}", self.store_hosts);
             }
         }
         let keep_alive = self.shutdown_at.is_none();
