@@ -18,12 +18,15 @@ fn bin() -> Command {
     c
 }
 
-/// One HTTP/1.1 request on a fresh connection; the status, or None on any failure.
-fn status_of(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
+/// One HTTP/1.1 GET for `target` (sent as it is) on a fresh connection; the status, or None
+/// on any failure.
+fn status_of(addr: SocketAddr, target: impl AsRef<[u8]>, timeout: Duration) -> Option<u16> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
+    let mut req = b"GET ".to_vec();
+    req.extend_from_slice(target.as_ref());
+    req.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(&req).ok()?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
@@ -322,19 +325,6 @@ fn access_log_at_debug_covers_requests_and_streams() {
     assert!(!quiet.log().contains("server::access"), "{}", quiet.log());
 }
 
-/// One GET with a raw target on a fresh connection; its status (None: no answer).
-fn get_raw(addr: SocketAddr, target: &[u8]) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut req = b"GET ".to_vec();
-    req.extend_from_slice(target);
-    req.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-    s.write_all(&req).ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
 #[test]
 fn access_log_paths_are_as_sent_and_cannot_forge_lines() {
     for format in ["text", "json"] {
@@ -342,15 +332,24 @@ fn access_log_paths_are_as_sent_and_cannot_forge_lines() {
         // Quotes, a backslash and non-ASCII bytes reach the router (404); the query string
         // is not logged (it may carry secrets).
         let hostile: &[u8] = b"/a\"b\\c/caf\xc3\xa9?token=hunter2";
-        assert_eq!(get_raw(server.addr, hostile), Some(404));
+        assert_eq!(
+            status_of(server.addr, hostile, Duration::from_secs(5)),
+            Some(404)
+        );
         // A CR, LF or other control byte in the target is refused before routing.
         for bad in [&b"/x\ry"[..], b"/x\x01y", b"/x\ny"] {
-            let got = get_raw(server.addr, bad);
+            let got = status_of(server.addr, bad, Duration::from_secs(5));
             assert!(got == Some(400) || got.is_none(), "{bad:?}: {got:?}");
         }
         let long = format!("/{}", "p".repeat(1000));
-        assert_eq!(get_raw(server.addr, long.as_bytes()), Some(404));
-        assert_eq!(get_raw(server.addr, b"/last"), Some(404));
+        assert_eq!(
+            status_of(server.addr, long.as_bytes(), Duration::from_secs(5)),
+            Some(404)
+        );
+        assert_eq!(
+            status_of(server.addr, b"/last", Duration::from_secs(5)),
+            Some(404)
+        );
         let last = if format == "json" {
             "\"path\":\"/last\""
         } else {
