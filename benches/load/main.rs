@@ -74,6 +74,25 @@ pub fn say(msg: &str) {
     eprintln!("load: {msg}");
 }
 
+/// Writes `text` to `path`, creating its directory first if need be.
+pub fn write_file(path: &std::path::Path, text: &str) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Prints `rows` as a Markdown table of measures and values, between blank lines.
+pub fn print_table<K: std::fmt::Display, V: std::fmt::Display>(rows: &[(K, V)]) {
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+    println!();
+}
+
 fn machine() -> Json {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -129,11 +148,7 @@ fn chart_from(o: &Opts) -> Result<(), String> {
 
 fn write_chart(o: &Opts, series: &[csv::Series]) -> Result<(), String> {
     let title = "Publish → delivery latency, cumulative distribution";
-    if let Some(dir) = o.svg.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(&o.svg, svg::cdf_chart(series, title))
-        .map_err(|e| format!("{}: {e}", o.svg.display()))?;
+    write_file(&o.svg, &svg::cdf_chart(series, title))?;
     say(&format!("chart written to {}", o.svg.display()));
     if let Some(p) = &o.cdf_csv {
         csv::write_cdf(p, series)?;
@@ -752,18 +767,8 @@ fn run(o: &Opts) -> Result<(), String> {
         extra_rows,
         extra_json,
     };
-    println!();
-    println!("| measure | value |");
-    println!("|---|---|");
-    for (k, v) in report::table(o, &results) {
-        println!("| {k} | {v} |");
-    }
-    println!();
-    if let Some(dir) = o.json.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(&o.json, report::json(o, &results).pretty())
-        .map_err(|e| format!("{}: {e}", o.json.display()))?;
+    print_table(&report::table(o, &results));
+    write_file(&o.json, &report::json(o, &results).pretty())?;
     say(&format!("result written to {}", o.json.display()));
     Ok(())
 }
