@@ -268,7 +268,9 @@ fn run(o: &Opts) -> Result<(), String> {
     let redis_cpu1 = redis_pid.and_then(procs::cpu_time);
     let idle_wall = idle_started.elapsed().as_secs_f64();
     let share = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
-        (Some(a), Some(b)) if idle_wall > 0.0 => Some((b - a).as_secs_f64() / idle_wall),
+        (Some(a), Some(b)) if idle_wall > 0.0 => {
+            Some(b.saturating_sub(a).as_secs_f64() / idle_wall)
+        }
         _ => None,
     };
     let idle_cpu = share(cpu0, cpu1);
@@ -276,13 +278,7 @@ fn run(o: &Opts) -> Result<(), String> {
     let rss_idle_end = target.pid.and_then(procs::rss_kb);
     let rss_idle_end_a = a_pid.and_then(procs::rss_kb);
     let idle_shares = idle_snap0.cpu_shares(&idle_snap1, idle_wall);
-    let rss_idle_end_all = instances::snap(&pids);
-    let redis_idle_cpu = match (redis_cpu0, redis_cpu1) {
-        (Some(a), Some(b)) if idle_wall > 0.0 => {
-            Some(b.saturating_sub(a).as_secs_f64() / idle_wall)
-        }
-        _ => None,
-    };
+    let redis_idle_cpu = share(redis_cpu0, redis_cpu1);
 
     // Latency.
     let _ = workers.flush()?;
@@ -322,7 +318,6 @@ fn run(o: &Opts) -> Result<(), String> {
         pace,
     )?;
     let m1 = target::scrape(&target);
-    let cmds2 = cmds(&target);
     let single_wall = single_started.elapsed().as_secs_f64();
     let busy1 = instances::snap(&watched);
     let many_rounds: Vec<Vec<usize>> = (0..o.many_rounds).map(|_| (0..o.envs).collect()).collect();
@@ -611,7 +606,7 @@ fn run(o: &Opts) -> Result<(), String> {
                 )
                 .set(
                     "rss_after_idle_kib",
-                    rss_idle_end_all.rss_kib.get(i).copied().flatten(),
+                    idle_snap1.rss_kib.get(i).copied().flatten(),
                 )
                 .set(
                     "idle_cpu_fraction_of_one_core",
@@ -688,7 +683,6 @@ fn run(o: &Opts) -> Result<(), String> {
                     ),
                 );
         }
-        let _ = &cmds2;
         extra_json.push(("redis".into(), rj));
     }
     let kg = instances::growth(&kmem0, &kmem1, open);
@@ -729,7 +723,7 @@ fn run(o: &Opts) -> Result<(), String> {
         (
             snap0.rss_total(),
             snap1.rss_total(),
-            rss_idle_end_all.rss_total(),
+            idle_snap1.rss_total(),
             instances::total(&idle_shares),
         )
     } else {
