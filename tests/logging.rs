@@ -216,7 +216,7 @@ fn json_lines_parse_and_carry_their_fields() {
         status_of(server.addr, "/metrics", Duration::from_secs(5)),
         Some(200)
     );
-    assert!(server.wait_log("\"path\":\"/metrics\"", Duration::from_secs(5)));
+    server.assert_log("\"path\":\"/metrics\"", Duration::from_secs(5));
     let log = server.log();
     let mut access = None;
     for line in log.lines() {
@@ -321,7 +321,7 @@ fn access_log_at_debug_covers_requests_and_streams() {
         status_of(quiet.addr, "/metrics", Duration::from_secs(5)),
         Some(200)
     );
-    assert!(quiet.wait_log("configuration:", Duration::from_secs(5)));
+    quiet.assert_log("configuration:", Duration::from_secs(5));
     assert!(!quiet.log().contains("server::access"), "{}", quiet.log());
 }
 
@@ -447,7 +447,7 @@ fn a_queue_change_answered_503_by_a_stalled_store_logs_its_path() {
 #[test]
 fn start_up_shows_the_configuration_once_and_the_store_once() {
     let server = Server::start(&[("LOG_LEVEL", "info"), ("REDIS_PASSWORD", "hunter2")]);
-    assert!(server.wait_log("configuration:", Duration::from_secs(5)));
+    server.assert_log("configuration:", Duration::from_secs(5));
     let log = server.log();
     let config: Vec<&str> = log
         .lines()
