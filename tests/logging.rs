@@ -9,11 +9,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The binary with the test token, on 127.0.0.1.
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SSE_AUTHENTICATION_TOKEN", TOKEN)
+    let mut c = binary();
+    c.env("SSE_AUTHENTICATION_TOKEN", TOKEN)
         .env("BIND_ADDRESS", "127.0.0.1");
     c
 }
