@@ -3,19 +3,11 @@
 
 mod common;
 use common::*;
-use std::process::Command;
 use std::time::Duration;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    c
-}
 
 /// Runs `flagsmith-sse --healthcheck` with `env`: its exit code and its stderr.
 fn healthcheck(env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let out = bin()
+    let out = binary()
         .arg("--healthcheck")
         .envs(env.iter().copied())
         .output()
@@ -28,7 +20,7 @@ fn healthcheck(env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 #[test]
 fn help_lists_every_variable_with_its_default() {
-    let out = bin().arg("--help").output().unwrap();
+    let out = binary().arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for (name, default, _) in flagsmith_sse::config::VARIABLES {
@@ -45,7 +37,7 @@ fn help_lists_every_variable_with_its_default() {
 
 #[test]
 fn version_prints_the_crate_version() {
-    let out = bin().arg("--version").output().unwrap();
+    let out = binary().arg("--version").output().unwrap();
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
@@ -55,7 +47,7 @@ fn version_prints_the_crate_version() {
 
 #[test]
 fn unknown_argument_exits_2() {
-    let out = bin().arg("--frobnicate").output().unwrap();
+    let out = binary().arg("--frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--frobnicate"));
 }
@@ -138,7 +130,7 @@ fn reuse_port_lets_two_processes_share_a_port() {
 
 #[test]
 fn reuse_port_with_the_embedded_store_exits_2_naming_the_problem() {
-    let out = bin()
+    let out = binary()
         .env("SSE_AUTHENTICATION_TOKEN", "t")
         .env("PORT", free_port().to_string())
         .env("REUSE_PORT", "true")
@@ -156,10 +148,10 @@ fn reuse_port_with_the_embedded_store_exits_2_naming_the_problem() {
 
 #[test]
 fn bad_configuration_exits_2_naming_the_variable() {
-    let out = bin().output().unwrap();
+    let out = binary().output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SSE_AUTHENTICATION_TOKEN"));
-    let out = bin()
+    let out = binary()
         .env("SSE_AUTHENTICATION_TOKEN", "t")
         .env("STREAM_DELAY", "soon")
         .output()

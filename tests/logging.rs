@@ -9,21 +9,23 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The binary with the test token, on 127.0.0.1.
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SSE_AUTHENTICATION_TOKEN", TOKEN)
+    let mut c = binary();
+    c.env("SSE_AUTHENTICATION_TOKEN", TOKEN)
         .env("BIND_ADDRESS", "127.0.0.1");
     c
 }
 
-/// One HTTP/1.1 request on a fresh connection; the status, or None on any failure.
-fn status_of(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
+/// One HTTP/1.1 GET for `target` (sent as it is) on a fresh connection; the status, or None
+/// on any failure.
+fn status_of(addr: SocketAddr, target: impl AsRef<[u8]>, timeout: Duration) -> Option<u16> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
+    let mut req = b"GET ".to_vec();
+    req.extend_from_slice(target.as_ref());
+    req.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(&req).ok()?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
@@ -213,7 +215,7 @@ fn json_lines_parse_and_carry_their_fields() {
         status_of(server.addr, "/metrics", Duration::from_secs(5)),
         Some(200)
     );
-    assert!(server.wait_log("\"path\":\"/metrics\"", Duration::from_secs(5)));
+    server.assert_log("\"path\":\"/metrics\"", Duration::from_secs(5));
     let log = server.log();
     let mut access = None;
     for line in log.lines() {
@@ -318,21 +320,8 @@ fn access_log_at_debug_covers_requests_and_streams() {
         status_of(quiet.addr, "/metrics", Duration::from_secs(5)),
         Some(200)
     );
-    assert!(quiet.wait_log("configuration:", Duration::from_secs(5)));
+    quiet.assert_log("configuration:", Duration::from_secs(5));
     assert!(!quiet.log().contains("server::access"), "{}", quiet.log());
-}
-
-/// One GET with a raw target on a fresh connection; its status (None: no answer).
-fn get_raw(addr: SocketAddr, target: &[u8]) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut req = b"GET ".to_vec();
-    req.extend_from_slice(target);
-    req.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-    s.write_all(&req).ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
 #[test]
@@ -342,15 +331,24 @@ fn access_log_paths_are_as_sent_and_cannot_forge_lines() {
         // Quotes, a backslash and non-ASCII bytes reach the router (404); the query string
         // is not logged (it may carry secrets).
         let hostile: &[u8] = b"/a\"b\\c/caf\xc3\xa9?token=hunter2";
-        assert_eq!(get_raw(server.addr, hostile), Some(404));
+        assert_eq!(
+            status_of(server.addr, hostile, Duration::from_secs(5)),
+            Some(404)
+        );
         // A CR, LF or other control byte in the target is refused before routing.
         for bad in [&b"/x\ry"[..], b"/x\x01y", b"/x\ny"] {
-            let got = get_raw(server.addr, bad);
+            let got = status_of(server.addr, bad, Duration::from_secs(5));
             assert!(got == Some(400) || got.is_none(), "{bad:?}: {got:?}");
         }
         let long = format!("/{}", "p".repeat(1000));
-        assert_eq!(get_raw(server.addr, long.as_bytes()), Some(404));
-        assert_eq!(get_raw(server.addr, b"/last"), Some(404));
+        assert_eq!(
+            status_of(server.addr, long.as_bytes(), Duration::from_secs(5)),
+            Some(404)
+        );
+        assert_eq!(
+            status_of(server.addr, b"/last", Duration::from_secs(5)),
+            Some(404)
+        );
         let last = if format == "json" {
             "\"path\":\"/last\""
         } else {
@@ -448,7 +446,7 @@ fn a_queue_change_answered_503_by_a_stalled_store_logs_its_path() {
 #[test]
 fn start_up_shows_the_configuration_once_and_the_store_once() {
     let server = Server::start(&[("LOG_LEVEL", "info"), ("REDIS_PASSWORD", "hunter2")]);
-    assert!(server.wait_log("configuration:", Duration::from_secs(5)));
+    server.assert_log("configuration:", Duration::from_secs(5));
     let log = server.log();
     let config: Vec<&str> = log
         .lines()

@@ -605,8 +605,7 @@ fn redis_over_tls_refuses_an_untrusted_certificate_and_plain_text() {
 
 /// Runs the binary with only `env` and returns (exit code, stderr).
 fn start_error(env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"))
-        .env_clear()
+    let out = binary()
         .env("SSE_AUTHENTICATION_TOKEN", TOKEN)
         .env("PORT", "0")
         .envs(env.iter().copied())

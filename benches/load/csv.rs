@@ -77,7 +77,7 @@ pub fn write_samples(path: &Path, samples: &[Sample]) -> Result<(), String> {
             s.latency_ns as f64 / 1e6
         );
     }
-    write(path, &out)
+    crate::write_file(path, &out)
 }
 
 /// Writes the CDF points of every series.
@@ -95,14 +95,7 @@ pub fn write_cdf(path: &Path, series: &[Series]) -> Result<(), String> {
             );
         }
     }
-    write(path, &out)
-}
-
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+    crate::write_file(path, &out)
 }
 
 /// The fractions a CDF is drawn at: every 0.1 % and every 0.01 % above 99 %.

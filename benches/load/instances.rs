@@ -71,22 +71,16 @@ pub struct Snap {
     pub cpu: Vec<Option<Duration>>,
 }
 
-fn kib_field(path: &str, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 pub fn snap(pids: &[u32]) -> Snap {
     Snap {
         rss_kib: pids.iter().map(|&p| procs::rss_kb(p)).collect(),
         anon_kib: pids
             .iter()
-            .map(|&p| kib_field(&format!("/proc/{p}/status"), "RssAnon:"))
+            .map(|&p| procs::kib_field(&format!("/proc/{p}/status"), "RssAnon:"))
             .collect(),
         pss_kib: pids
             .iter()
-            .map(|&p| kib_field(&format!("/proc/{p}/smaps_rollup"), "Pss:"))
+            .map(|&p| procs::kib_field(&format!("/proc/{p}/smaps_rollup"), "Pss:"))
             .collect(),
         cpu: pids.iter().map(|&p| procs::cpu_time(p)).collect(),
     }
@@ -223,12 +217,6 @@ pub struct KernelMem {
     pub mem_available: u64,
 }
 
-fn meminfo(key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-}
-
 pub fn kernel_mem() -> KernelMem {
     let mut k = KernelMem::default();
     if let Ok(t) = std::fs::read_to_string("/proc/net/sockstat")
@@ -255,8 +243,8 @@ pub fn kernel_mem() -> KernelMem {
             }
         }
     }
-    k.slab_total = meminfo("Slab:").unwrap_or(0);
-    k.mem_available = meminfo("MemAvailable:").unwrap_or(0);
+    k.slab_total = procs::slab_bytes().unwrap_or(0);
+    k.mem_available = procs::meminfo_bytes("MemAvailable:").unwrap_or(0);
     k
 }
 

@@ -74,6 +74,25 @@ pub fn say(msg: &str) {
     eprintln!("load: {msg}");
 }
 
+/// Writes `text` to `path`, creating its directory first if need be.
+pub fn write_file(path: &std::path::Path, text: &str) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Prints `rows` as a Markdown table of measures and values, between blank lines.
+pub fn print_table<K: std::fmt::Display, V: std::fmt::Display>(rows: &[(K, V)]) {
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+    println!();
+}
+
 fn machine() -> Json {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -129,11 +148,7 @@ fn chart_from(o: &Opts) -> Result<(), String> {
 
 fn write_chart(o: &Opts, series: &[csv::Series]) -> Result<(), String> {
     let title = "Publish → delivery latency, cumulative distribution";
-    if let Some(dir) = o.svg.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(&o.svg, svg::cdf_chart(series, title))
-        .map_err(|e| format!("{}: {e}", o.svg.display()))?;
+    write_file(&o.svg, &svg::cdf_chart(series, title))?;
     say(&format!("chart written to {}", o.svg.display()));
     if let Some(p) = &o.cdf_csv {
         csv::write_cdf(p, series)?;
@@ -253,7 +268,9 @@ fn run(o: &Opts) -> Result<(), String> {
     let redis_cpu1 = redis_pid.and_then(procs::cpu_time);
     let idle_wall = idle_started.elapsed().as_secs_f64();
     let share = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
-        (Some(a), Some(b)) if idle_wall > 0.0 => Some((b - a).as_secs_f64() / idle_wall),
+        (Some(a), Some(b)) if idle_wall > 0.0 => {
+            Some(b.saturating_sub(a).as_secs_f64() / idle_wall)
+        }
         _ => None,
     };
     let idle_cpu = share(cpu0, cpu1);
@@ -261,13 +278,7 @@ fn run(o: &Opts) -> Result<(), String> {
     let rss_idle_end = target.pid.and_then(procs::rss_kb);
     let rss_idle_end_a = a_pid.and_then(procs::rss_kb);
     let idle_shares = idle_snap0.cpu_shares(&idle_snap1, idle_wall);
-    let rss_idle_end_all = instances::snap(&pids);
-    let redis_idle_cpu = match (redis_cpu0, redis_cpu1) {
-        (Some(a), Some(b)) if idle_wall > 0.0 => {
-            Some(b.saturating_sub(a).as_secs_f64() / idle_wall)
-        }
-        _ => None,
-    };
+    let redis_idle_cpu = share(redis_cpu0, redis_cpu1);
 
     // Latency.
     let _ = workers.flush()?;
@@ -307,7 +318,6 @@ fn run(o: &Opts) -> Result<(), String> {
         pace,
     )?;
     let m1 = target::scrape(&target);
-    let cmds2 = cmds(&target);
     let single_wall = single_started.elapsed().as_secs_f64();
     let busy1 = instances::snap(&watched);
     let many_rounds: Vec<Vec<usize>> = (0..o.many_rounds).map(|_| (0..o.envs).collect()).collect();
@@ -596,7 +606,7 @@ fn run(o: &Opts) -> Result<(), String> {
                 )
                 .set(
                     "rss_after_idle_kib",
-                    rss_idle_end_all.rss_kib.get(i).copied().flatten(),
+                    idle_snap1.rss_kib.get(i).copied().flatten(),
                 )
                 .set(
                     "idle_cpu_fraction_of_one_core",
@@ -673,7 +683,6 @@ fn run(o: &Opts) -> Result<(), String> {
                     ),
                 );
         }
-        let _ = &cmds2;
         extra_json.push(("redis".into(), rj));
     }
     let kg = instances::growth(&kmem0, &kmem1, open);
@@ -714,7 +723,7 @@ fn run(o: &Opts) -> Result<(), String> {
         (
             snap0.rss_total(),
             snap1.rss_total(),
-            rss_idle_end_all.rss_total(),
+            idle_snap1.rss_total(),
             instances::total(&idle_shares),
         )
     } else {
@@ -752,18 +761,8 @@ fn run(o: &Opts) -> Result<(), String> {
         extra_rows,
         extra_json,
     };
-    println!();
-    println!("| measure | value |");
-    println!("|---|---|");
-    for (k, v) in report::table(o, &results) {
-        println!("| {k} | {v} |");
-    }
-    println!();
-    if let Some(dir) = o.json.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(&o.json, report::json(o, &results).pretty())
-        .map_err(|e| format!("{}: {e}", o.json.display()))?;
+    print_table(&report::table(o, &results));
+    write_file(&o.json, &report::json(o, &results).pretty())?;
     say(&format!("result written to {}", o.json.display()));
     Ok(())
 }

@@ -184,11 +184,17 @@ pub fn raise_nofile() -> u64 {
     rl.rlim_cur
 }
 
+/// The number after `key` on the line of `path` that starts with it (a `/proc` file whose
+/// lines read `Key:   123 kB`).
+pub fn kib_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Resident set size of `pid` in KiB.
 pub fn rss_kb(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    kib_field(&format!("/proc/{pid}/status"), "VmRSS:")
 }
 
 /// CPU time (user + system, all threads) of `pid` so far.
@@ -204,10 +210,12 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
 /// Kernel slab memory of the whole machine (bytes), from /proc/meminfo: sockets, their
 /// files and epoll entries live there, not in any process's RSS.
 pub fn slab_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Slab:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    meminfo_bytes("Slab:")
+}
+
+/// A `/proc/meminfo` field (`key` with its colon) in bytes.
+pub fn meminfo_bytes(key: &str) -> Option<u64> {
+    Some(kib_field("/proc/meminfo", key)? * 1024)
 }
 
 /// Children of `pid`, found by scanning /proc (bounded by the number of processes).

@@ -109,6 +109,12 @@ impl Results {
         self.open as f64 / o.envs.max(1) as f64
     }
 
+    /// Subscribers of one environment that one instance's fan-out serves: over several
+    /// instances, each one's /metrics count its share.
+    pub fn fan_per_instance(&self, o: &Opts) -> f64 {
+        self.per_env(o) / o.instances.max(1) as f64
+    }
+
     /// Growth of the server's RSS per open stream, in bytes.
     pub fn rss_per_subscriber(&self) -> Option<f64> {
         match (self.rss_before_kib, self.rss_with_kib) {
@@ -138,8 +144,7 @@ pub fn table(o: &Opts, r: &Results) -> Vec<(String, String)> {
     let (fan_single, fan_many) = (r.fan_single, r.fan_many);
     let (floor, connected, qc, end_status) = (r.floor, &r.connected, &r.qc, &r.end);
     let per_env = r.per_env(o);
-    // Over several instances, one instance's /metrics count its share of an environment.
-    let fan_per = per_env / o.instances.max(1) as f64;
+    let fan_per = r.fan_per_instance(o);
     let per_sub_rss = r.rss_per_subscriber();
     let st = &connected.status;
     let mut add = |k: &str, v: String| rows.push((k.to_owned(), v));
@@ -398,8 +403,7 @@ pub fn json(o: &Opts, r: &Results) -> Json {
     let (fan_single, fan_many) = (r.fan_single, r.fan_many);
     let (floor, connected, qc, end_status) = (r.floor, &r.connected, &r.qc, &r.end);
     let per_env = r.per_env(o);
-    // Over several instances, one instance's /metrics count its share of an environment.
-    let fan_per = per_env / o.instances.max(1) as f64;
+    let fan_per = r.fan_per_instance(o);
     let st = &connected.status;
     let mut opts_j = Json::obj();
     opts_j

@@ -22,7 +22,7 @@ use crate::opts::Opts;
 use crate::phases::{self, Pace, ms};
 use crate::pool::{Status, Workers};
 use crate::stats::Summary;
-use crate::{httpc, say, target};
+use crate::{httpc, print_table, say, target, write_file};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -222,8 +222,8 @@ pub fn run(o: &Opts) -> Result<(), String> {
         &counts,
         Pace::Gap(Duration::from_secs_f64(o.round_gap)),
     );
-    let probes = prober.finish();
-    let joins = joiner.finish();
+    let mut probes = prober.finish();
+    let mut joins = joiner.finish();
     let latency = latency?;
     let m1 = target::scrape(&target);
     let end = Status::total(&workers.status()?);
@@ -238,10 +238,8 @@ pub fn run(o: &Opts) -> Result<(), String> {
         r.stop(Duration::from_secs(5));
     }
 
-    let mut probe_ns = probes.ns.clone();
-    let mut join_ns = joins.ns.clone();
-    let probe = Summary::of(&mut probe_ns);
-    let joined = Summary::of(&mut join_ns);
+    let probe = Summary::of(&mut probes.ns);
+    let joined = Summary::of(&mut joins.ns);
     let fan = target::fanout_between(&m0, &m1);
     let delivered = &latency.summary;
     let line = |s: &Summary, n: usize, failures: usize| {
@@ -298,13 +296,7 @@ pub fn run(o: &Opts) -> Result<(), String> {
             server_exit.clone().unwrap_or_else(|| "not ours".into()),
         ),
     ];
-    println!();
-    println!("| measure | value |");
-    println!("|---|---|");
-    for (k, v) in &rows {
-        println!("| {k} | {v} |");
-    }
-    println!();
+    print_table(&rows);
     for w in warnings.iter().take(10) {
         say(&format!("server warning: {w}"));
     }
@@ -336,10 +328,7 @@ pub fn run(o: &Opts) -> Result<(), String> {
             summary_json(delivered, latency.received as usize, &[]),
         )
         .set("server_exit", server_exit.unwrap_or_default());
-    if let Some(dir) = o.json.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(&o.json, j.pretty()).map_err(|e| format!("{}: {e}", o.json.display()))?;
+    write_file(&o.json, &j.pretty())?;
     say(&format!("result written to {}", o.json.display()));
     Ok(())
 }

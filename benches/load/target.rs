@@ -221,11 +221,7 @@ pub fn setup(o: &Opts) -> Result<Target, String> {
             };
             let body = o.publish_body.clone().unwrap_or(DEFAULT_BODY.into());
             let local_publisher = publish_side.as_ref().map(|_| Publisher::Http {
-                url: httpc::Url {
-                    addr,
-                    host: addr.to_string(),
-                    path: "/sse/environments/{env}/queue-change".into(),
-                },
+                url: url(&pub_url.path),
                 headers: headers.clone(),
                 body: body.clone(),
                 client: httpc::Client::new(addr),

@@ -266,7 +266,7 @@ impl Worker {
                             return Ok(());
                         }
                     }
-                    Token(t) => self.drive(t),
+                    Token(t) => self.drive(t, ev.is_read_closed()),
                 }
             }
         }
@@ -386,7 +386,8 @@ impl Worker {
         }
     }
 
-    fn drive(&mut self, token: usize) {
+    /// Handles an event of subscriber `token`; `read_closed`: the peer's FIN had arrived.
+    fn drive(&mut self, token: usize, read_closed: bool) {
         let Some(sub) = self.subs.get_mut(token).and_then(Option::as_mut) else {
             return;
         };
@@ -430,8 +431,10 @@ impl Worker {
                     }
                     // A TCP read that returns less than asked for has emptied the receive
                     // queue, and anything arriving later raises a new edge: no read to see
-                    // WouldBlock (one system call less per event on the measuring side).
-                    if drained {
+                    // WouldBlock (one system call less per event on the measuring side). Not
+                    // when the event came with the peer's FIN: that read consumed the FIN
+                    // without an edge to follow, and only the next read returns the end.
+                    if drained && !read_closed {
                         return;
                     }
                 }

@@ -12,6 +12,14 @@ use std::time::{Duration, Instant};
 /// The token every test server is started with.
 pub const TOKEN: &str = "test-token";
 
+/// The `flagsmith-sse` binary, to run with no environment but `PATH` and what the test adds.
+pub fn binary() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c
+}
+
 /// A running `flagsmith-sse` binary.
 pub struct Server {
     child: Child,
@@ -30,10 +38,8 @@ impl Server {
     /// Like [`Server::start`], with a hook to adjust the command (e.g. wrap it in prlimit).
     #[track_caller]
     pub fn start_with(env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("SSE_AUTHENTICATION_TOKEN", TOKEN)
+        let mut cmd = binary();
+        cmd.env("SSE_AUTHENTICATION_TOKEN", TOKEN)
             .env("BIND_ADDRESS", "127.0.0.1")
             .env("PORT", "0")
             .env("LOG_LEVEL", "debug");
