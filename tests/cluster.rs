@@ -9,17 +9,10 @@ mod common;
 use common::*;
 use flagsmith_sse::store::notify::CHANNEL;
 use flagsmith_sse::store::redis::{EPOCH_KEY, LOG_KEY, TIMES_KEY};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// A time with non-zero microseconds (2025-01-12T18:06:42.028061Z).
 const BASE: i64 = 1_736_705_202_028_061;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// An instance in cluster mode with `nodes` as its seeds and a fetch every `interval` seconds.
 #[track_caller]

@@ -10,18 +10,12 @@ use common::*;
 use flagsmith_sse::store::redis::TIMES_KEY;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// A time with non-zero microseconds (2025-01-12T18:06:42.028061Z).
 const BASE: i64 = 1_736_705_202_028_061;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// An instance on `redis_url` fetching every 0.2 s, with `extra` settings.
 #[track_caller]
@@ -34,11 +28,6 @@ fn instance(redis_url: &str, extra: &[(&str, &str)]) -> Server {
     ];
     env.extend_from_slice(extra);
     Server::start(&env)
-}
-
-/// A value from /metrics (0 when absent).
-fn metric(server: &Server, series: &str) -> f64 {
-    server.metrics().get(series).copied().unwrap_or(0.0)
 }
 
 fn now_micros() -> i64 {

@@ -9,14 +9,7 @@ mod common;
 use common::*;
 use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-
-static TURN: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Base of the epoch-second times these tests send.
 const BASE: u64 = 1_700_000_000;
@@ -46,7 +39,7 @@ fn post(poster: &mut Poster, key: &str, secs: u64) {
 
 #[test]
 fn a_fan_out_interrupted_by_joins_leaves_and_newer_times_ends_with_the_newest_everywhere() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     const CROWD: usize = 3000;
     const JOINERS: usize = 50;
     const ROUNDS: u64 = 3;
@@ -87,17 +80,14 @@ fn a_fan_out_interrupted_by_joins_leaves_and_newer_times_ends_with_the_newest_ev
         crowd.add(server.addr, key, JOINERS);
         let newest = update_text(t + 3);
         let ok = crowd.pump_until(Duration::from_secs(30), |c| {
-            c.socks
-                .iter()
-                .zip(&c.latest)
-                .all(|(s, l)| s.is_none() || l.as_deref() == Some(newest.as_str()))
+            (0..c.len()).all(|i| c.socks[i].is_none() || c.latest(i) == Some(newest.as_str()))
         });
         let open: Vec<usize> = (0..crowd.len())
             .filter(|&i| crowd.socks[i].is_some())
             .collect();
         let behind = open
             .iter()
-            .filter(|&&i| crowd.latest[i].as_deref() != Some(newest.as_str()))
+            .filter(|&&i| crowd.latest(i) != Some(newest.as_str()))
             .count();
         assert!(
             ok,
@@ -147,7 +137,7 @@ fn a_fan_out_interrupted_by_joins_leaves_and_newer_times_ends_with_the_newest_ev
 
 #[test]
 fn a_health_probe_is_answered_while_a_fan_out_is_under_way() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     const CROWD: usize = 4000;
     const ROUNDS: u64 = 3;
     let server = server();
@@ -197,7 +187,7 @@ fn a_health_probe_is_answered_while_a_fan_out_is_under_way() {
 
 #[test]
 fn a_large_snapshot_is_applied_over_several_turns_while_requests_are_answered() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     const ENVS: usize = 100_000;
     let time: i64 = 1_736_705_202_028_061;
     let redis = Redis::start();

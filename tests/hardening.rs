@@ -9,41 +9,15 @@ mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-static TURN: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Base of the epoch-second times these tests send.
 const BASE: u64 = 1_700_000_000;
 
-fn metric(server: &Server, series: &str) -> f64 {
-    server.metrics().get(series).copied().unwrap_or(0.0)
-}
-
-fn rejected(server: &Server, reason: &str) -> f64 {
-    metric(
-        server,
-        &format!("flagsmith_sse_connections_rejected_total{{reason=\"{reason}\"}}"),
-    )
-}
-
 fn subscribers(server: &Server) -> f64 {
     metric(server, "flagsmith_sse_subscribers_active")
-}
-
-/// Reads until EOF. An error (a reset, or nothing for `timeout`) is returned as such: a server
-/// that closes gracefully never causes one.
-fn read_to_eof(s: &mut TcpStream, timeout: Duration) -> std::io::Result<Vec<u8>> {
-    s.set_read_timeout(Some(timeout))?;
-    let mut v = Vec::new();
-    s.read_to_end(&mut v)?;
-    Ok(v)
 }
 
 /// Waits until the server holds `fds` descriptors (or fewer); panics with the count if not.
@@ -86,7 +60,7 @@ fn alive(server: &mut Server) -> bool {
 
 #[test]
 fn request_not_complete_in_time_gets_408_and_is_closed() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start(&[("REQUEST_TIMEOUT_SECONDS", "1")]);
     let post_head = format!(
         "POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\nAuthorization: Token {TOKEN}\r\nContent-Length: 40\r\n\r\n{{\"upd"
@@ -143,7 +117,7 @@ fn request_not_complete_in_time_gets_408_and_is_closed() {
 
 #[test]
 fn a_thousand_trickling_clients_do_not_delay_events() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     const TRICKLERS: usize = 1000;
     let server = Server::start(&[
         ("REQUEST_TIMEOUT_SECONDS", "60"),
@@ -258,7 +232,7 @@ fn chunked_post(data_len: usize) -> Vec<u8> {
 
 #[test]
 fn oversized_and_malformed_requests_get_their_status_and_a_graceful_close() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let mut server = Server::start(&[]);
     let big_header = |n: usize, end: bool| {
         let mut v = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
@@ -330,7 +304,7 @@ fn oversized_and_malformed_requests_get_their_status_and_a_graceful_close() {
 
 #[test]
 fn refused_connections_release_their_buffers() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     const CLIENTS: usize = 300;
     let server = Server::start(&[("LOG_LEVEL", "info")]);
     let fds0 = settled_fds(&server);
@@ -391,7 +365,7 @@ impl Noise {
 
 #[test]
 fn hostile_bytes_never_crash_or_stall_the_server() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let mut server = Server::start(&[
         ("REQUEST_TIMEOUT_SECONDS", "1"),
         ("MAX_STREAM_AGE", "1"),
@@ -498,7 +472,7 @@ fn drain_updates(s: &mut TcpStream, quiet: Duration, limit: Duration) -> (Vec<St
 
 #[test]
 fn a_stalled_reader_holds_one_event_is_dropped_and_slows_nobody() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     const CROWD: usize = 1000;
     const UPDATES: u64 = 200;
     let keepalive = Duration::from_secs(4);
@@ -540,7 +514,7 @@ fn a_stalled_reader_holds_one_event_is_dropped_and_slows_nobody() {
     assert!(ok, "the crowd did not all get the newest update");
     assert_eq!(ended, 0, "{ended} of the crowd lost their stream");
     let lag = t_all.saturating_duration_since(t_last);
-    let counts = &crowd.counts;
+    let counts: Vec<usize> = (0..crowd.len()).map(|i| crowd.count(i)).collect();
     println!(
         "{UPDATES} updates posted in {:?}; the last reached all {CROWD} readers {lag:?} after \
          its 200; each reader saw {}..={} events",
@@ -768,7 +742,7 @@ fn serves_refuses_and_recovers(server: &Server, storm_size: usize, expect_fd_ref
 
 #[test]
 fn low_open_file_limit_refuses_extras_promptly_and_recovers() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start_with(&[("LOG_LEVEL", "info")], |cmd| limit_nofile(cmd, 64, 64));
     let max = max_connections_from_log(&server);
     println!("open-file limit 64: MAX_CONNECTIONS {max}");
@@ -782,7 +756,7 @@ fn low_open_file_limit_refuses_extras_promptly_and_recovers() {
 
 #[test]
 fn out_of_descriptors_refuses_promptly_without_spinning_and_recovers() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start_with(&[("LOG_LEVEL", "info")], |cmd| limit_nofile(cmd, 64, 64));
     // Descriptors run out below MAX_CONNECTIONS: lower the limit under the running server.
     let max = max_connections_from_log(&server);
@@ -793,7 +767,7 @@ fn out_of_descriptors_refuses_promptly_without_spinning_and_recovers() {
 
 #[test]
 fn max_connections_is_enforced_with_503() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start(&[("MAX_CONNECTIONS", "20"), ("LOG_LEVEL", "info")]);
     let mut crowd = Crowd::connect(server.addr, "k", 20);
     let t0 = Instant::now();
@@ -825,7 +799,7 @@ fn max_connections_is_enforced_with_503() {
 
 #[test]
 fn resets_in_the_middle_of_requests_and_frames_leak_nothing() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start(&[
         ("STREAM_DELAY", "0"),
         ("MAX_STREAM_AGE", "-1"),
@@ -873,7 +847,7 @@ fn resets_in_the_middle_of_requests_and_frames_leak_nothing() {
 
 #[test]
 fn half_closed_clients_are_answered_and_released() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start(&[("STREAM_DELAY", "0"), ("LOG_LEVEL", "info")]);
     let fds0 = settled_fds(&server);
 
@@ -942,7 +916,7 @@ fn half_closed_clients_are_answered_and_released() {
 
 #[test]
 fn a_queue_change_whose_client_vanished_is_still_stored_and_delivered() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     const N: u64 = 100;
     let server = Server::start(&[("STREAM_DELAY", "0"), ("LOG_LEVEL", "info")]);
     let fds0 = settled_fds(&server);
@@ -999,7 +973,7 @@ fn a_queue_change_whose_client_vanished_is_still_stored_and_delivered() {
 /// window, and it is dropped about a keep-alive interval later.
 #[test]
 fn a_reader_stalled_behind_kernel_buffers_is_dropped() {
-    let _serial = one_at_a_time();
+    let _serial = serial();
     let server = Server::start(&[
         ("KEEPALIVE_SECONDS", "2"),
         ("STREAM_DELAY", "0"),

@@ -10,17 +10,10 @@ use flagsmith_sse::store::redis::TIMES_KEY;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// A time with non-zero microseconds (2025-01-12T18:06:42.028061Z).
 const BASE: i64 = 1_736_705_202_028_061;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Reads updates until `micros` arrives (true) or `timeout` passes.
 fn wait_update(sub: &mut Subscriber, micros: i64, timeout: Duration) -> bool {

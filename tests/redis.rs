@@ -8,17 +8,10 @@ use common::*;
 use flagsmith_sse::timestamp::parse_epoch_seconds;
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// A time with non-zero microseconds (2025-01-12T18:06:42.028061Z).
 const BASE: i64 = 1_736_705_202_028_061;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn micros_of(text: &str) -> i64 {
     parse_epoch_seconds(text).unwrap_or_else(|e| panic!("{text:?} is not a time: {e:?}"))
@@ -40,11 +33,6 @@ fn updates_until_quiet(sub: &mut Subscriber, quiet: Duration) -> Vec<i64> {
         out.push(micros_of(&v));
     }
     out
-}
-
-/// A value from /metrics (0 when absent).
-fn metric(server: &Server, series: &str) -> f64 {
-    server.metrics().get(series).copied().unwrap_or(0.0)
 }
 
 #[test]

@@ -10,26 +10,7 @@ mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn rejected(server: &Server, reason: &str) -> f64 {
-    let key = format!("flagsmith_sse_connections_rejected_total{{reason=\"{reason}\"}}");
-    server.metrics().get(&key).copied().unwrap_or(0.0)
-}
-
-/// Reads until EOF; an error (a reset, or nothing for `timeout`) is returned as such.
-fn read_to_eof(s: &mut TcpStream, timeout: Duration) -> std::io::Result<Vec<u8>> {
-    s.set_read_timeout(Some(timeout))?;
-    let mut v = Vec::new();
-    s.read_to_end(&mut v)?;
-    Ok(v)
-}
 
 fn queue_change_head(auth: &str, framing: &str) -> String {
     format!("POST /sse/environments/k/queue-change HTTP/1.1\r\nHost: t\r\n{auth}{framing}\r\n\r\n")
@@ -37,7 +18,7 @@ fn queue_change_head(auth: &str, framing: &str) -> String {
 
 #[test]
 fn a_body_is_refused_unread_wherever_none_is_expected() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start(&[("LOG_LEVEL", "info")]);
     // Only the heads are sent: the answers come without the server waiting for the bodies.
     let cases = [
@@ -121,7 +102,7 @@ fn a_body_is_refused_unread_wherever_none_is_expected() {
 
 #[test]
 fn a_subscriber_that_keeps_sending_is_disconnected() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start(&[("LOG_LEVEL", "info"), ("STREAM_DELAY", "0")]);
     // A little input after the request is tolerated: the stream goes on.
     let mut polite = Subscriber::connect(server.addr, "k");
@@ -202,7 +183,7 @@ fn answered(s: &mut TcpStream) -> Option<Vec<u8>> {
 
 #[test]
 fn buffered_requests_stay_within_their_budget_and_memory_comes_back() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     const CLIENTS: usize = 2000;
     const BUDGET: usize = 8 << 20;
     const LEN: usize = 61_440;
@@ -300,7 +281,7 @@ fn buffered_requests_stay_within_their_budget_and_memory_comes_back() {
 
 #[test]
 fn http_1_1_details() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start(&[("LOG_LEVEL", "info")]);
     let status = |raw: &str| request(server.addr, raw.as_bytes());
     // Absolute-form targets are routed by their path.
@@ -350,7 +331,7 @@ fn http_1_1_details() {
 
 #[test]
 fn pipelined_requests_are_answered_in_order_and_together() {
-    let _turn = one_at_a_time();
+    let _turn = serial();
     let server = Server::start(&[("LOG_LEVEL", "info")]);
     // A 64 KiB read of small requests, then a queue-change and more behind it.
     let one = b"GET /health/liveness/ HTTP/1.1\r\nHost: t\r\n\r\n";

@@ -11,7 +11,6 @@ mod common;
 use common::*;
 use flagsmith_sse::store::notify::CHANNEL;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// A time with non-zero microseconds (2025-01-12T18:06:42.028061Z).
@@ -20,12 +19,6 @@ const BASE: i64 = 1_736_705_202_028_061;
 const SLOW_FETCH: &str = "30";
 /// A change must reach the other instance's subscriber within this (the interval is 30 s).
 const WAKE_LIMIT: Duration = Duration::from_secs(1);
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// An instance on `redis` with the fetch interval given and `extra` settings.
 #[track_caller]

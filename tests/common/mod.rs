@@ -6,11 +6,40 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The token every test server is started with.
 pub const TOKEN: &str = "test-token";
+
+/// Runs a test binary's tests one at a time (each test binary has its own lock): for tests that
+/// start many processes or sockets, or print timings.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A value from the server's /metrics (0 when absent).
+pub fn metric(server: &Server, series: &str) -> f64 {
+    server.metrics().get(series).copied().unwrap_or(0.0)
+}
+
+/// `flagsmith_sse_connections_rejected_total{reason}` of the server.
+pub fn rejected(server: &Server, reason: &str) -> f64 {
+    metric(
+        server,
+        &format!("flagsmith_sse_connections_rejected_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// Reads until EOF. An error (a reset, or nothing for `timeout`) is returned as such: a server
+/// that closes gracefully never causes one.
+pub fn read_to_eof(s: &mut TcpStream, timeout: Duration) -> std::io::Result<Vec<u8>> {
+    s.set_read_timeout(Some(timeout))?;
+    let mut v = Vec::new();
+    s.read_to_end(&mut v)?;
+    Ok(v)
+}
 
 /// The `flagsmith-sse` binary, to run with no environment but `PATH` and what the test adds.
 pub fn binary() -> Command {
@@ -830,10 +859,6 @@ pub struct Crowd {
     bufs: Vec<Vec<u8>>,
     /// Whether each one's response head is in.
     pub headed: Vec<bool>,
-    /// The newest update each one got.
-    pub latest: Vec<Option<String>>,
-    /// Updates each one got.
-    pub counts: Vec<usize>,
     /// Every update each one got, in order.
     pub history: Vec<Vec<String>>,
     /// Whether each one saw its stream end (final chunk, EOF or reset).
@@ -852,8 +877,6 @@ impl Crowd {
             socks: Vec::new(),
             bufs: Vec::new(),
             headed: Vec::new(),
-            latest: Vec::new(),
-            counts: Vec::new(),
             history: Vec::new(),
             ended: Vec::new(),
             finished: Vec::new(),
@@ -879,8 +902,6 @@ impl Crowd {
             self.socks.push(Some(s));
             self.bufs.push(Vec::new());
             self.headed.push(false);
-            self.latest.push(None);
-            self.counts.push(0);
             self.history.push(Vec::new());
             self.ended.push(false);
             self.finished.push(false);
@@ -930,12 +951,19 @@ impl Crowd {
         }
     }
 
+    /// The newest update subscriber `i` got.
+    pub fn latest(&self, i: usize) -> Option<&str> {
+        self.history.get(i)?.last().map(String::as_str)
+    }
+
+    /// How many updates subscriber `i` got.
+    pub fn count(&self, i: usize) -> usize {
+        self.history.get(i).map_or(0, Vec::len)
+    }
+
     /// Whether every open subscriber's newest update is `text`.
     pub fn all_have(&self, text: &str) -> bool {
-        self.latest
-            .iter()
-            .zip(&self.ended)
-            .all(|(l, &e)| e || l.as_deref() == Some(text))
+        (0..self.history.len()).all(|i| self.ended[i] || self.latest(i) == Some(text))
     }
 
     /// Closes subscriber `i` (FIN).
@@ -992,9 +1020,7 @@ impl Crowd {
             };
             let v = &rest[start + KEY.len()..start + KEY.len() + len];
             let text = String::from_utf8_lossy(v).into_owned();
-            self.history[i].push(text.clone());
-            self.latest[i] = Some(text);
-            self.counts[i] += 1;
+            self.history[i].push(text);
             used += start + KEY.len() + len + 1;
         }
         if buf[used..].ends_with(b"\r\n0\r\n\r\n") || buf[used..] == *b"0\r\n\r\n" {
