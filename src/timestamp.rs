@@ -48,7 +48,7 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 }
 
 /// The civil date (year, month, day; proleptic Gregorian calendar) of a day count since
-/// 1970-01-01: the inverse of [`days_from_civil`].
+/// 1970-01-01: the inverse of the day count that ISO-8601 parsing uses.
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
